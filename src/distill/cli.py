@@ -1,0 +1,104 @@
+"""The `distill` command. Every user mistake ends in one line on stderr and exit status 2 (`--debug` shows
+the traceback)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from distill.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__, pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")] = False,
+) -> None:
+    """Knowledge distillation from YAML recipes."""
+    _state["debug"] = debug
+
+
+@app.command()
+def run(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="recipe YAML; none runs the built-in quickstart")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="run folder (default: the recipe's output.dir)")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in the folder")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an earlier run in the folder")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train the recipe's students (every method x seed) and write report.md, metrics.json and plots."""
+    from distill.experiment import run_recipe
+    from distill.recipe import load_recipe
+    from distill.recipe.check import check_recipe
+    from distill.report import print_table, write_report
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    loaded = load_recipe(recipe)
+    check_recipe(loaded, str(recipe or "quickstart"))
+    result = run_recipe(
+        loaded, out=out, resume=resume, overwrite=overwrite, progress=progress, console=console
+    )
+    report = write_report(result)
+    print_table(result, console)
+    console.print(f"report: {report}")
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML")]) -> None:
+    """Check a recipe (schema, names, parameters) without training anything."""
+    from distill.recipe import load_recipe
+    from distill.recipe.check import check_recipe
+
+    loaded = load_recipe(recipe)
+    check_recipe(loaded, str(recipe))
+    methods = loaded.method_list()
+    console.print(f"{recipe}: valid ({len(methods)} method(s) x {len(loaded.seeds)} seed(s))")
+
+
+@app.command()
+def methods() -> None:
+    """List every registered objective, one line each, with its paper."""
+    from distill.objectives import OBJECTIVES
+
+    width = max(len(entry.name) for entry in OBJECTIVES)
+    for entry in OBJECTIVES:
+        paper = f"  [{entry.paper}]" if entry.paper and entry.paper != "-" else ""
+        console.print(f"{entry.name:<{width}}  {entry.summary}{paper}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        if debug:
+            raise
+        err_console.print(f"error: {err}", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as err:  # click's usage errors come here in standalone_mode=False
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err_console.print(f"error: {err.format_message()}", highlight=False, markup=False)
+            sys.exit(2)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        raise

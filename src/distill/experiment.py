@@ -1,0 +1,366 @@
+"""Run a recipe: obtain the teacher, train every method x seed, and collect what the report needs.
+
+Built on the Python API (`build_data`, `build_model`, `fit`); the CLI only calls `run_recipe`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+from distill.data import DataSplits, build_data
+from distill.errors import UserError
+from distill.io import (
+    atomic_write_json,
+    atomic_write_text,
+    fingerprint,
+    load_tensors,
+    save_tensors,
+    sha256_file,
+)
+from distill.metrics import latency_per_batch
+from distill.models import build_model, count_parameters
+from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, ScheduleSpec, TeacherSpec
+from distill.train import FitResult, OptimizerConfig, ScheduleConfig, Term, fit
+from distill.train.seeding import seed_everything
+
+RUN_MARKERS = ("recipe.yaml", "metrics.json", "report.md", "methods", "teacher")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    result: FitResult
+
+
+@dataclass
+class MethodRuns:
+    name: str
+    objectives: list[dict[str, Any]]
+    runs: list[SeedRun] = field(default_factory=list)
+
+
+@dataclass
+class TeacherInfo:
+    source: str  # "trained", "cache", "checkpoint"
+    parameters: int
+    metrics: dict[str, float]
+    train_seconds: float
+    history: list[dict[str, Any]]
+
+
+@dataclass
+class ExperimentResult:
+    recipe: Recipe
+    out_dir: Path
+    data: DataSplits
+    teacher: TeacherInfo | None
+    student_parameters: int
+    methods: list[MethodRuns]
+    latency: dict[str, float]
+    wall_seconds: float
+
+
+def optimizer_config(spec: Any) -> OptimizerConfig:
+    return OptimizerConfig(
+        name=spec.name,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        momentum=spec.momentum,
+        nesterov=spec.nesterov,
+        betas=tuple(spec.betas),
+    )
+
+
+def schedule_config(spec: ScheduleSpec, steps_per_epoch: int) -> ScheduleConfig:
+    """Epoch-based recipe settings in optimizer steps."""
+    return ScheduleConfig(
+        name=spec.name,
+        warmup_steps=round(spec.warmup_epochs * steps_per_epoch),
+        min_lr_ratio=spec.min_lr_ratio,
+        milestones=[round(m * steps_per_epoch) for m in spec.milestones],
+        gamma=spec.gamma,
+    )
+
+
+def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
+    batches = math.ceil(examples / batch_size)
+    return math.ceil(batches / grad_accum)
+
+
+def resolve_out_dir(recipe: Recipe, *, out: Path | None, resume: bool, overwrite: bool) -> Path:
+    """The run folder; an earlier run in it is refused unless resuming or overwriting."""
+    explicit = out or recipe.output.dir
+    if explicit is None:
+        if resume:
+            raise UserError("--resume needs the run folder: give --out DIR or output.dir in the recipe")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / recipe.name / stamp
+    path = Path(explicit)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file")
+    holds_run = path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+    if holds_run and not (resume or overwrite):
+        raise UserError(
+            f"output folder {path} holds an earlier run; pass --resume to continue it or --overwrite"
+        )
+    if resume and not holds_run:
+        raise UserError(f"--resume: output folder {path} holds no run to continue")
+    if overwrite and holds_run:
+        shutil.rmtree(path)
+    return path
+
+
+def _load_weights(model: nn.Module, path: Path, role: str) -> None:
+    if not path.exists():
+        raise UserError(f"{role}.checkpoint not found: {path}")
+    try:
+        tensors = load_tensors(path)
+    except Exception as err:  # safetensors raises several types for a bad file
+        raise UserError(f"{role}.checkpoint {path} is not a safetensors file ({err})") from err
+    own = model.state_dict()
+    for key, tensor in tensors.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise UserError(
+                f"{role}.checkpoint {path} does not fit the {role} model: "
+                f"'{key}' has shape {tuple(tensor.shape)}, "
+                f"the model {tuple(own[key].shape)} (another class count or architecture?)"
+            )
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{role}.checkpoint {path} does not fit the {role} model "
+            f"(missing {len(missing)} tensors, e.g. {missing[:1]}; unexpected {len(unexpected)})"
+        )
+
+
+def build_recipe_model(spec: ModelSpec, data: DataSplits, role: str) -> nn.Module:
+    model = build_model(spec.name, num_classes=data.num_classes, input_shape=data.input_shape, **spec.params)
+    if spec.checkpoint is not None:
+        _load_weights(model, spec.checkpoint, role)
+    return model
+
+
+def _check_class_counts(model: nn.Module, data: DataSplits, role: str) -> None:
+    example = data.test[0][0][None]
+    with torch.inference_mode():
+        was_training = model.training
+        model.eval()
+        classes = model(example).shape[-1]
+        model.train(was_training)
+    if classes != data.num_classes:
+        raise UserError(f"the {role} predicts {classes} classes but the data has {data.num_classes}")
+
+
+def obtain_teacher(
+    recipe: Recipe, data: DataSplits, out_dir: Path, progress: bool
+) -> tuple[nn.Module, TeacherInfo]:
+    """The teacher from its checkpoint, from the run cache, or trained now (and cached)."""
+    spec: TeacherSpec = recipe.teacher  # type: ignore[assignment]
+    seed_everything(spec.train.seed)
+    teacher = build_recipe_model(spec, data, "teacher")
+    train_set = data.teacher_train or data.train
+    if spec.checkpoint is not None:
+        _check_class_counts(teacher, data, "teacher")
+        return teacher, TeacherInfo("checkpoint", count_parameters(teacher), {}, 0.0, [])
+
+    key = fingerprint(
+        {
+            "model": spec.model_dump(mode="json", exclude={"train": {"cache"}}),
+            "data": recipe.data.model_dump(mode="json"),
+            "format": 1,
+        }
+    )
+    cached = cache_root() / "teachers" / key
+    manifest_path = cached / "manifest.json"
+    if spec.train.cache and manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        weights = cached / "model.safetensors"
+        if weights.exists() and sha256_file(weights) == manifest["sha256"]:
+            _load_weights(teacher, weights, "teacher")
+            return teacher, TeacherInfo(
+                "cache",
+                count_parameters(teacher),
+                manifest["metrics"],
+                manifest["train_seconds"],
+                manifest["history"],
+            )
+
+    batch = recipe.data.batch_size
+    result = fit(
+        teacher,
+        train_set,
+        eval_data=data.test,
+        objectives=["cross_entropy"],
+        optimizer=optimizer_config(spec.train.optimizer),
+        schedule=schedule_config(spec.train.schedule, steps_per_epoch(len(train_set), batch, 1)),  # type: ignore[arg-type]
+        run_dir=out_dir / "teacher",
+        epochs=spec.train.epochs,
+        batch_size=batch,
+        eval_batch_size=recipe.data.eval_batch_size,
+        seed=spec.train.seed,
+        progress=progress,
+        tensorboard=False,
+        device=recipe.trainer.device,
+        label="teacher",
+    )
+    info = TeacherInfo(
+        "trained", count_parameters(teacher), result.final, result.train_seconds, result.history
+    )
+    if spec.train.cache:
+        staging = cache_root() / "teachers" / f".{key}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_tensors(staging / "model.safetensors", teacher.state_dict())
+        atomic_write_json(
+            staging / "manifest.json",
+            {
+                "sha256": sha256_file(staging / "model.safetensors"),
+                "metrics": info.metrics,
+                "train_seconds": info.train_seconds,
+                "history": info.history,
+                "spec": spec.model_dump(mode="json"),
+            },
+        )
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(staging, cached)
+    return teacher, info
+
+
+def method_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "method"
+
+
+def method_terms(method: MethodSpec) -> list[Term]:
+    return [
+        Term(o.name, weight=o.weight, params=dict(o.params), warmup_epochs=o.warmup_epochs)
+        for o in method.objectives
+    ]
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    out: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> ExperimentResult:
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    if recipe.trainer.threads:
+        torch.set_num_threads(recipe.trainer.threads)
+    out_dir = resolve_out_dir(recipe, out=out, resume=resume, overwrite=overwrite)
+    recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    recipe_key = fingerprint(recipe.model_dump(mode="json", exclude={"output"}))
+    if resume:
+        stored = out_dir / "recipe.yaml"
+        if (
+            stored.exists()
+            and fingerprint(
+                Recipe.model_validate(yaml.safe_load(stored.read_text())).model_dump(
+                    mode="json", exclude={"output"}
+                )
+            )
+            != recipe_key
+        ):
+            raise UserError(f"--resume: {out_dir} was started from a different recipe")
+
+    data = build_data(recipe.data.name, **recipe.data.params)
+    _check_class_counts(build_recipe_model(recipe.student, data, "student"), data, "student")
+    console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
+
+    teacher, teacher_info = (None, None)
+    if recipe.teacher is not None:
+        teacher, teacher_info = obtain_teacher(recipe, data, out_dir, progress)
+    # Only now, with data, student and teacher known to fit, does the run folder appear.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "recipe.yaml", recipe_text)
+    if teacher_info is not None:
+        accuracy = teacher_info.metrics.get("accuracy")
+        shown = f"{accuracy:.4f}" if accuracy is not None else "not evaluated"
+        console.print(
+            f"teacher ({teacher_info.source}): {teacher_info.parameters:,} parameters, accuracy {shown}"
+        )
+
+    t = recipe.trainer
+    methods: list[MethodRuns] = []
+    student_parameters = 0
+    student = None
+    for method in recipe.method_list():
+        runs = MethodRuns(method.name, [o.model_dump(mode="json") for o in method.objectives])
+        for seed in recipe.seeds:
+            seed_everything(seed)
+            student = build_recipe_model(recipe.student, data, "student")
+            student_parameters = count_parameters(student)
+            per_epoch = steps_per_epoch(len(data.train), recipe.data.batch_size, t.grad_accum)  # type: ignore[arg-type]
+            result = fit(
+                student,
+                data.train,
+                teacher=teacher,
+                eval_data=data.test,
+                objectives=method_terms(method),
+                optimizer=optimizer_config(recipe.optimizer),
+                schedule=schedule_config(recipe.schedule, per_epoch),
+                run_dir=out_dir / "methods" / method_slug(method.name) / f"seed-{seed}",
+                resume=resume,
+                fingerprint=fingerprint([recipe_key, method.name, seed]),
+                label=f"{method.name} seed {seed}",
+                epochs=t.epochs,
+                batch_size=recipe.data.batch_size,
+                eval_batch_size=recipe.data.eval_batch_size,
+                grad_accum=t.grad_accum,
+                mixed_precision=t.mixed_precision,
+                max_grad_norm=t.max_grad_norm,
+                checkpoint_every=t.checkpoint_every,
+                keep_checkpoints=t.keep_checkpoints,
+                eval_every=t.eval_every,
+                log_every=t.log_every,
+                nonfinite=t.nonfinite,
+                device=t.device,
+                seed=seed,
+                progress=progress,
+                tensorboard=recipe.output.tensorboard,
+            )
+            runs.runs.append(SeedRun(seed, result))
+            console.print(
+                f"  {method.name:<16} seed {seed}: accuracy {result.final.get('accuracy', float('nan')):.4f} "
+                f"({result.train_seconds:.1f}s)"
+            )
+        methods.append(runs)
+
+    latency: dict[str, float] = {}
+    if recipe.evaluation.latency and student is not None:
+        example = torch.stack(
+            [data.test[i][0] for i in range(min(len(data.test), recipe.data.eval_batch_size))]
+        )
+        latency["student"] = latency_per_batch(student.cpu(), example)
+        if teacher is not None:
+            latency["teacher"] = latency_per_batch(teacher.cpu(), example)
+        latency["batch"] = float(len(example))
+    return ExperimentResult(
+        recipe=recipe,
+        out_dir=out_dir,
+        data=data,
+        teacher=teacher_info,
+        student_parameters=student_parameters,
+        methods=methods,
+        latency=latency,
+        wall_seconds=time.perf_counter() - started,
+    )

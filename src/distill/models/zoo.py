@@ -1,0 +1,62 @@
+"""Small image models for the quickstart and tests: an MLP and a small CNN."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from distill.models.registry import MODELS
+
+
+@MODELS.register("mlp", summary="multi-layer perceptron on flattened inputs")
+class MLP(nn.Module):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        hidden: tuple[int, ...] | list[int] = (64,),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+@MODELS.register("small_cnn", summary="conv-BN-ReLU stages with global average pooling")
+class SmallCNN(nn.Module):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        channels: tuple[int, ...] | list[int] = (32, 64),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        stages: list[nn.Module] = []
+        width = input_shape[0]
+        for i, out in enumerate(channels):
+            stage = [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            if i < len(channels) - 1:
+                stage.append(nn.MaxPool2d(2))
+            stages.append(nn.Sequential(*stage))
+            width = out
+        self.features = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dropout(self.pool(self.features(x))))

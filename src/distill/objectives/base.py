@@ -1,0 +1,130 @@
+"""Objectives: named, weighted training terms built from the pure functions in `distill.losses`.
+
+An objective declares what it needs (teacher logits, labels, features at module paths) so that the
+trainer computes nothing it does not need. Stateful schedules (TAID's t, BD-KD's balance) live on the
+objective as buffers, so checkpoints carry them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from distill.errors import UserError
+from distill.registry import Registry, nearest
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands; schedules read it."""
+
+    step: int  # optimizer steps taken so far
+    total_steps: int
+    epoch: float  # fractional epoch, e.g. 2.5 halfway through the third epoch
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass
+class StepOutputs:
+    """Everything one micro-batch produced that an objective may compare.
+
+    `mask` is boolean over the logits' leading dimensions (True = counts); None means every row counts.
+    """
+
+    student_logits: Tensor
+    teacher_logits: Tensor | None = None
+    labels: Tensor | None = None
+    mask: Tensor | None = None
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    progress: Progress = field(default_factory=lambda: Progress(0, 1, 0.0))
+
+
+class Objective(nn.Module):
+    """One loss term. Subclasses set what they need and implement `forward`."""
+
+    needs_teacher: bool = True
+    needs_labels: bool = False
+    student_layers: tuple[str, ...] = ()
+    teacher_layers: tuple[str, ...] = ()
+
+    def forward(self, outputs: StepOutputs) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, progress: Progress, loss: float) -> None:
+        """Called once per optimizer step with the term's value; adaptive schedules update here."""
+
+
+def check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], reserved: set[str]) -> None:
+    """Refuse parameters the loss function does not take, naming the nearest valid one."""
+    signature = inspect.signature(fn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    valid = [
+        p
+        for p, spec in signature.parameters.items()
+        if spec.kind is inspect.Parameter.KEYWORD_ONLY and p not in reserved
+    ]
+    for key in params:
+        if key not in valid:
+            hint = nearest(key, valid)
+            suggestion = f"; did you mean '{hint}'?" if hint else f"; valid: {', '.join(valid) or 'none'}"
+            raise UserError(f"objective '{name}' has no parameter '{key}'{suggestion}")
+
+
+class LogitObjective(Objective):
+    """Wraps a pure loss `fn(student_logits, teacher_logits, *, mask, [labels], **params)`."""
+
+    def __init__(
+        self, name: str, fn: Callable[..., Tensor], params: dict[str, Any], *, needs_labels: bool
+    ) -> None:
+        super().__init__()
+        check_params(name, fn, params, reserved={"mask", "labels", "reduction"})
+        self.loss_name = name
+        self.fn = fn
+        self.params = dict(params)
+        self.needs_labels = needs_labels
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        if outputs.teacher_logits is None:
+            raise UserError(f"objective '{self.loss_name}' needs teacher logits, but the step has none")
+        extra: dict[str, Any] = {}
+        if self.needs_labels:
+            if outputs.labels is None:
+                raise UserError(f"objective '{self.loss_name}' needs labels, but the data has none")
+            extra["labels"] = outputs.labels
+        return self.fn(
+            outputs.student_logits, outputs.teacher_logits, mask=outputs.mask, **extra, **self.params
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.loss_name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
+
+
+def register_logit_loss(
+    name: str,
+    fn: Callable[..., Tensor],
+    *,
+    paper: str,
+    summary: str,
+    needs_labels: bool = False,
+) -> None:
+    """Register a pure logit loss as an objective usable from recipes and the Python API."""
+
+    def factory(**params: Any) -> Objective:
+        return LogitObjective(name, fn, params, needs_labels=needs_labels)
+
+    OBJECTIVES.add(name, factory, summary=summary, paper=paper, function=fn)
+
+
+def build_objective(name: str, params: dict[str, Any] | None = None) -> Objective:
+    return OBJECTIVES.build(name, **(params or {}))

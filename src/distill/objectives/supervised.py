@@ -1,0 +1,54 @@
+"""Supervised terms on ground-truth labels (no teacher)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.errors import UserError
+from distill.objectives.base import OBJECTIVES, Objective, StepOutputs
+
+
+class CrossEntropy(Objective):
+    """Cross-entropy with the labels, mean over counted rows; `label_smoothing` as in
+    "Rethinking the Inception Architecture for Computer Vision" (Szegedy et al., 2016).
+
+    Rows count when `mask` is True (if given) and their label is not `ignore_index` (-100)."""
+
+    needs_teacher = False
+    needs_labels = True
+
+    def __init__(self, *, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(
+                f"objective 'cross_entropy': label_smoothing must lie in [0, 1), got {label_smoothing}"
+            )
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        if outputs.labels is None:
+            raise UserError("objective 'cross_entropy' needs labels, but the data has none")
+        logits = outputs.student_logits.float().flatten(0, -2)
+        labels = outputs.labels.flatten()
+        if outputs.mask is not None:
+            labels = torch.where(outputs.mask.flatten(), labels, torch.full_like(labels, self.ignore_index))
+        counted = (labels != self.ignore_index).sum()
+        total = F.cross_entropy(
+            logits,
+            labels,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+        return total / counted.clamp(min=1)
+
+
+OBJECTIVES.add(
+    "cross_entropy",
+    CrossEntropy,
+    summary="cross-entropy with the ground-truth labels (optional label smoothing)",
+    paper="-",
+)

@@ -1,0 +1,152 @@
+"""Checkpoints without pickle: safetensors for every tensor, JSON for everything else.
+
+Layout: `<run>/checkpoints/step-00000042/{model,optimizer,objectives,rng}.safetensors + state.json`, and
+`<run>/checkpoints/latest` naming the newest complete one. A checkpoint folder is written under a temporary
+name and renamed when complete, and `latest` moves only after that, so a crash or a full disk while saving
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distill.errors import UserError
+from distill.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+
+FORMAT_VERSION = 1
+
+
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and the JSON-able rest."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    rest = {
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "python": [version, list(py_state), gauss_next],
+    }
+    return tensors, rest
+
+
+def restore_rng(tensors: dict[str, Tensor], rest: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, cached = rest["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss_next = rest["python"]
+    random.setstate((version, tuple(py_state), gauss_next))
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]  # trainer counters, history, scheduler state, fingerprint
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objectives: nn.Module,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    staging = root / f".step-{step:08d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_tensors(staging / "model.safetensors", model.state_dict())
+        opt_tensors, opt_rest = flatten_optimizer_state(optimizer.state_dict())
+        save_tensors(staging / "optimizer.safetensors", opt_tensors)
+        save_tensors(staging / "objectives.safetensors", objectives.state_dict())
+        rng_tensors, rng_rest = capture_rng()
+        save_tensors(staging / "rng.safetensors", rng_tensors)
+        atomic_write_json(
+            staging / "state.json",
+            {"format": FORMAT_VERSION, "step": step, "optimizer": opt_rest, "rng": rng_rest, **state},
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", final.name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objectives: nn.Module,
+    fingerprint: str,
+) -> Checkpoint:
+    """Restore weights, optimizer, objective state and RNG in place; refuse a checkpoint of another run."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path}: unreadable state.json ({err})") from err
+    if state.get("format") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path}: format {state.get('format')} is not {FORMAT_VERSION}")
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(f"checkpoint {path} belongs to another recipe or model (fingerprint differs)")
+    model.load_state_dict(load_tensors(path / "model.safetensors"))
+    optimizer.load_state_dict(
+        unflatten_optimizer_state(load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    )
+    objectives.load_state_dict(load_tensors(path / "objectives.safetensors"))
+    restore_rng(load_tensors(path / "rng.safetensors"), state["rng"])
+    return Checkpoint(path, state)
