@@ -10,13 +10,11 @@ import torch
 from torch import nn
 
 from distill.errors import UserError
-from distill.models import MODELS, build_model, count_parameters
+from distill.models import MODELS, build_model, count_parameters, split_model_name
 from distill.models.cifar import (
     PUBLISHED_PARAMS_M,
     TappedNet,
-    build_external,
     feature_layers_of,
-    split_model_spec,
 )
 from distill.models.hooks import FeatureHooks, resolve_module
 
@@ -158,11 +156,11 @@ def test_channel_mismatch_and_bad_shapes_are_user_errors():
 
 
 def test_model_spec_strings():
-    assert split_model_spec("torchvision:resnet18") == ("torchvision", {"arch": "resnet18"})
-    assert split_model_spec("timm:resnet18.a1_in1k") == ("timm", {"arch": "resnet18.a1_in1k"})
-    assert split_model_spec("resnet8x4") == ("resnet8x4", {})
+    assert split_model_name("torchvision:resnet18") == ("torchvision", {"arch": "resnet18"})
+    assert split_model_name("timm:resnet18.a1_in1k") == ("timm", {"arch": "resnet18.a1_in1k"})
+    assert split_model_name("resnet8x4") == ("resnet8x4", {})
     with pytest.raises(UserError, match="torchvision:<name>"):
-        split_model_spec("keras:resnet")
+        split_model_name("keras:resnet")
 
 
 @pytest.mark.parametrize("package", ["torchvision", "timm"])
@@ -204,8 +202,8 @@ def test_torchvision_adapter_with_a_stand_in_package(monkeypatch):
     )
     assert pretrained.fc.out_features == 5 and calls[-1][1] == "DEFAULT"
     assert feature_layers_of(pretrained) == ["layer1", "avgpool"]
-    assert build_external("torchvision:tiny", num_classes=3, input_shape=(3, 8, 8)).fc.out_features == 3
-    assert isinstance(build_external("resnet8", num_classes=3, input_shape=(3, 8, 8)), TappedNet)
+    assert build_model("torchvision:tiny", num_classes=3, input_shape=(3, 8, 8)).fc.out_features == 3
+    assert isinstance(build_model("resnet8", num_classes=3, input_shape=(3, 8, 8)), TappedNet)
     with pytest.raises(UserError, match="torchvision:nope"):
         build_model("torchvision", num_classes=5, input_shape=(3, 32, 32), arch="nope")
 

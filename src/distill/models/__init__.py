@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from distill.models.registry import MODELS, build_model, count_parameters
+from distill.models.registry import MODELS, build_model, count_parameters, split_model_name
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in {"registry"} and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "build_model", "count_parameters", "split_model_name"]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import UserError
-from distill.models.registry import MODELS, build_model
+from distill.models.registry import MODELS
 
 
 def resolve_in_channels(in_channels: int | None, input_shape: Sequence[int] | None) -> int:
@@ -564,22 +564,6 @@ def _import_optional(package: str, model: str) -> Any:
         ) from None
 
 
-def split_model_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """`"torchvision:resnet18"` -> `("torchvision", {"arch": "resnet18"})`; a plain name comes back as is."""
-    prefix, sep, name = spec.partition(":")
-    if not sep:
-        return spec, {}
-    if prefix not in {"torchvision", "timm"} or not name:
-        raise UserError(f"model: cannot read '{spec}'; write torchvision:<name> or timm:<name>")
-    return prefix, {"arch": name}
-
-
-def build_external(spec: str, *, num_classes: int, input_shape: tuple[int, ...], **params: Any) -> nn.Module:
-    """`build_model` that also reads `torchvision:<name>` and `timm:<name>`."""
-    kind, extra = split_model_spec(spec)
-    return build_model(kind, num_classes=num_classes, input_shape=input_shape, **extra, **params)
-
-
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     for path, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
@@ -699,8 +683,6 @@ __all__ = [
     "CifarVGG",
     "TappedNet",
     "WideResNet",
-    "build_external",
     "feature_layers_of",
     "resolve_in_channels",
-    "split_model_spec",
 ]

@@ -13,8 +13,24 @@ from distill.registry import Registry, nearest
 MODELS: Registry[nn.Module] = Registry("model")
 
 
+EXTERNAL_ZOOS = ("torchvision", "timm")
+
+
+def split_model_name(spec: str) -> tuple[str, dict[str, str]]:
+    """`"torchvision:resnet18"` -> `("torchvision", {"arch": "resnet18"})`; a plain name comes back as is."""
+    prefix, sep, arch = spec.partition(":")
+    if not sep:
+        return spec, {}
+    if prefix not in EXTERNAL_ZOOS or not arch:
+        raise UserError(f"model: cannot read '{spec}'; write torchvision:<name> or timm:<name>")
+    return prefix, {"arch": arch}
+
+
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **params: Any) -> nn.Module:
-    """Build a registered model; factories take either the full `input_shape` or just `in_channels`."""
+    """Build a registered model (or `torchvision:<name>` / `timm:<name>`); factories take either the full
+    `input_shape` or just `in_channels`."""
+    name, external = split_model_name(name)
+    params = {**external, **params}
     factory = MODELS.entry(name).factory
     accepted = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):

@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.data import DATASETS
 from distill.errors import UserError
-from distill.models import MODELS
+from distill.models import MODELS, split_model_name
 from distill.objectives import build_objective
 from distill.recipe.schema import Recipe
 from distill.registry import Registry, nearest
@@ -37,9 +37,10 @@ def _check_factory(registry: Registry[Any], name: str, params: dict[str, Any], w
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
     _check_factory(DATASETS, recipe.data.name, recipe.data.params, f"{source}: data")
-    _check_factory(MODELS, recipe.student.name, recipe.student.params, f"{source}: student")
-    if recipe.teacher is not None:
-        _check_factory(MODELS, recipe.teacher.name, recipe.teacher.params, f"{source}: teacher")
+    for role, spec in (("student", recipe.student), ("teacher", recipe.teacher)):
+        if spec is not None:
+            name, external = split_model_name(spec.name)
+            _check_factory(MODELS, name, {**external, **spec.params}, f"{source}: {role}")
     for spec, path in (
         (recipe.student.checkpoint, "student"),
         (recipe.teacher and recipe.teacher.checkpoint, "teacher"),
