@@ -231,12 +231,18 @@ def main() -> None:
         )
         lines.append(row)
         print(row, flush=True)
+        _write(args.out, lines + ["", "(partial: the run is still going)", ""])
     lines += ["", f"Peak resident memory of the run: {_peak_rss_gb():.1f} GB.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(args.out)
+    _write(args.out, lines)
     print(f"\nwritten to {args.out}")
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    """Write through a temporary name and rename, so a reader never sees half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

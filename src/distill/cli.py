@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from distill.errors import UserError
+from distill.train.signals import TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__, pretty_exceptions_enable=False)
 console = Console()
@@ -90,6 +91,9 @@ def main() -> None:
             raise
         err_console.print(f"error: {err}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
+    except TrainingInterrupted as stop:
+        err_console.print(f"stopped: {stop}", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -114,6 +114,20 @@ def _gain_sentence(result: ExperimentResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+TEACHER_SOURCES = {
+    "trained": "trained in this run",
+    "cache": "taken from the run cache (its training time is from when it was trained)",
+    "checkpoint": "loaded from its checkpoint",
+}
+
+
+def _objective_text(objective: dict[str, Any]) -> str:
+    text = f"{objective['weight']} x {objective['name']}{objective['params'] or ''}"
+    if objective.get("warmup_epochs"):
+        text += f" (weight ramped up over {objective['warmup_epochs']:g} epochs)"
+    return text
+
+
 def write_report(result: ExperimentResult) -> Path:
     """Write report.md, metrics.json and learning_curves.png into the run folder; return the report path."""
     recipe = result.recipe
@@ -133,7 +147,7 @@ def write_report(result: ExperimentResult) -> Path:
     if result.teacher is not None and teacher is not None:
         teacher_line = (
             f"- Teacher: `{teacher.name}` {teacher.params}, {result.teacher.parameters:,} parameters, "
-            f"{result.teacher.source}.\n"
+            f"{TEACHER_SOURCES[result.teacher.source]}.\n"
         )
     text = (
         f"# {recipe.name}\n\n{recipe.description}\n\n"
@@ -152,7 +166,7 @@ def write_report(result: ExperimentResult) -> Path:
         + "\nObjectives per method:\n\n"
         + "".join(
             f"- {m.name}: "
-            + ", ".join(f"{o['weight']} x {o['name']}{o['params'] or ''}" for o in m.objectives)
+            + ", ".join(_objective_text(o) for o in m.objectives)
             + "\n"
             for m in result.methods
         )

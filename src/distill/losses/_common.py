@@ -196,7 +196,7 @@ def soften(logits: Tensor, temperature: float, standardize: bool = False) -> Ten
     return logits / temperature if temperature != 1.0 else logits
 
 
-_CHUNK_ELEMENTS = 1 << 22  # rows per chunk * vocabulary; ~16 MB of float32 temporaries per chunk
+_CHUNK_ELEMENTS = 1 << 20  # rows per chunk * vocabulary: ~4 MB of float32 temporaries per chunk
 
 
 def _chunks(n_rows: int, vocab: int) -> list[slice]:

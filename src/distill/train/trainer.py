@@ -36,6 +36,7 @@ from distill.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from distill.train.sampler import EpochSampler
 from distill.train.seeding import seed_everything
+from distill.train.signals import StopRequest, TrainingInterrupted, stop_on_signals
 
 
 @dataclass
@@ -111,12 +112,14 @@ def _make_loader(
         return data
     if len(data) == 0:  # type: ignore[arg-type]
         raise UserError("data: the training set is empty" if shuffle else "data: the evaluation set is empty")
+    # Training data is sharded across processes; every process evaluates the whole evaluation set, so the
+    # metrics need no gathering (and rank 0 alone writes them).
     sampler = EpochSampler(
         len(data),  # type: ignore[arg-type]
         seed=seed,
         shuffle=shuffle,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        rank=acc.process_index if shuffle else 0,
+        world_size=acc.num_processes if shuffle else 1,
     )
     # A private generator: iterating a DataLoader otherwise draws a seed from the global RNG, which would
     # shift dropout masks after a mid-epoch resume.
@@ -402,7 +405,7 @@ class Trainer:
             disable=not (cfg.progress and self.accelerator.is_main_process),
             transient=True,
         )
-        with bar:
+        with bar, stop_on_signals() as stop:
             task = bar.add_task(self.label, total=self.total_steps, completed=state["step"], status="")
             while state["epoch"] < cfg.epochs and not stop_requested:
                 epoch = state["epoch"]
@@ -452,6 +455,9 @@ class Trainer:
                         state["train_seconds"] += time.perf_counter() - started
                         started = time.perf_counter()
                         self._save(state)
+                    if stop.requested:
+                        state["train_seconds"] += time.perf_counter() - started
+                        self._stop_on_signal(state, stop)
                     if cfg.stop_after_steps is not None and state["step"] >= cfg.stop_after_steps:
                         stop_requested = True
                         break
@@ -463,6 +469,11 @@ class Trainer:
                 if every == 0 or state["step"] % every == 0 or state["epoch"] == cfg.epochs:
                     self._save(state)
         return self._result(state, completed=state["epoch"] >= cfg.epochs)
+
+    def _stop_on_signal(self, state: dict[str, Any], stop: StopRequest) -> None:
+        self._save(state)
+        saved = f"; checkpoint saved in {self.run_dir}, continue with --resume" if self.run_dir else ""
+        raise TrainingInterrupted(f"{stop.name} at step {state['step']}{saved}", stop.signum or 0)
 
     def _check_finite(self, values: Tensor, step: int) -> bool:
         """True when this micro-batch must be skipped; raises when the recipe says stop."""
