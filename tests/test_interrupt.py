@@ -63,7 +63,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, sig: signal.Signals, uninterrupted: str):
+def test_interrupted_then_resumed_equals_uninterrupted(
+    tmp_path: Path, sig: signal.Signals, uninterrupted: str
+):
     proc = launch(tmp_path, "fresh")
     wait_for_step(tmp_path, 40, proc)
     proc.send_signal(sig)

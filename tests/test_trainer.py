@@ -9,7 +9,7 @@ from torch import nn
 from distill import build_data, build_model, fit
 from distill.errors import NonFiniteLossError
 from distill.objectives import Objective, StepOutputs
-from distill.train import Trainer, TrainerConfig
+from distill.train import OptimizerConfig, Trainer, TrainerConfig
 from distill.train.checkpoint import latest_checkpoint, save_checkpoint
 from distill.train.seeding import seed_everything
 
@@ -202,3 +202,40 @@ def test_resume_refuses_checkpoint_of_another_recipe(digits, tmp_path: Path) -> 
             fingerprint="recipe-b",
             resume=True,
         )
+
+
+class MaskedMean(Objective):
+    """Mean squared logit over counted rows: a stand-in for a token-level loss with padding."""
+
+    needs_teacher = False
+
+    def forward(self, outputs: StepOutputs) -> torch.Tensor:
+        per_row = outputs.student_logits.float().pow(2).mean(-1)
+        mask = outputs.mask.float()
+        return (per_row * mask).sum() / mask.sum().clamp(min=1)
+
+
+def test_accumulation_normalises_by_counted_rows_across_the_window() -> None:
+    """Micro-batches with different numbers of counted rows (padding): 4 x 2 equals 1 x 8."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=generator)
+    y = torch.zeros(8, dtype=torch.long)
+    mask = torch.tensor([True, False, True, True, True, True, False, False])
+    data = torch.utils.data.TensorDataset(x, y, mask)
+    grads = []
+    for batch, accum in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        fit(
+            model,
+            data,
+            objectives=[MaskedMean()],
+            epochs=1,
+            batch_size=batch,
+            grad_accum=accum,
+            optimizer=OptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
+            progress=False,
+            tensorboard=False,
+        )
+        grads.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)

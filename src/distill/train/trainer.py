@@ -393,8 +393,6 @@ class Trainer:
         self._open_logs(restored["step"] if restored is not None else None)
 
         self.student.train()
-        window_values = torch.zeros(len(self.terms))
-        window_count = 0
         stop_requested = False
         bar = Progress(
             TextColumn("[bold]{task.description}"),
@@ -410,43 +408,25 @@ class Trainer:
             while state["epoch"] < cfg.epochs and not stop_requested:
                 epoch = state["epoch"]
                 started = time.perf_counter()
-                batch_index = state["batch"]
-                for batch in self._batches(epoch, batch_index):
-                    inputs, labels, mask = (self._to_device(v) for v in _split_batch(batch))
-                    window_end = min(
-                        self.batches_per_epoch, (batch_index // cfg.grad_accum + 1) * cfg.grad_accum
-                    )
-                    window_size = window_end - (batch_index // cfg.grad_accum) * cfg.grad_accum
-                    fractional_epoch = epoch + batch_index / self.batches_per_epoch
+                for window in self._windows(epoch, state["batch"]):
+                    fractional_epoch = epoch + state["batch"] / self.batches_per_epoch
                     progress = TrainProgress(state["step"], self.total_steps, fractional_epoch)
-                    outputs = self._step_outputs(inputs, labels, mask, progress)
-                    values = [objective(outputs) for objective in self.objectives]
                     weights = [term.weight_at(fractional_epoch) for term in self.terms]
-                    loss = sum(w * v for w, v in zip(weights, values, strict=True))
-                    detached = torch.stack([v.detach().float() for v in values]).cpu()
-                    skip = self._check_finite(detached, state["step"])
-                    if not skip:
-                        self.accelerator.backward(loss / window_size)
-                        window_values += detached
-                        window_count += 1
-                    batch_index += 1
-                    state["batch"] = batch_index
-                    if batch_index < window_end:
-                        continue
-                    self._optimizer_step(skip=window_count == 0)
+                    mean_values = self._train_window(window, weights, progress)
+                    state["batch"] += len(window)
                     state["step"] += 1
-                    mean_values = window_values / max(1, window_count)
-                    total = float(sum(w * v for w, v in zip(weights, mean_values.tolist(), strict=True)))
-                    state["epoch_loss_sum"] += total
-                    state["epoch_batches"] += 1
-                    for objective, value in zip(self.objectives, mean_values.tolist(), strict=True):
-                        objective.after_step(progress, value)
-                    window_values.zero_()
-                    window_count = 0
-                    bar.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {total:.4f}")
-                    if state["step"] % cfg.log_every == 0:
-                        self._log_train(state, total, mean_values)
-                    last_in_epoch = batch_index >= self.batches_per_epoch
+                    if mean_values is not None:
+                        total = float(sum(w * v for w, v in zip(weights, mean_values.tolist(), strict=True)))
+                        state["epoch_loss_sum"] += total
+                        state["epoch_batches"] += 1
+                        for objective, value in zip(self.objectives, mean_values.tolist(), strict=True):
+                            objective.after_step(progress, value)
+                        if state["step"] % cfg.log_every == 0:
+                            self._log_train(state, total, mean_values)
+                    running = state["epoch_loss_sum"] / max(1, state["epoch_batches"])
+                    status = f"epoch {epoch + 1}/{cfg.epochs} loss {running:.4f}"
+                    bar.update(task, advance=1, status=status)
+                    last_in_epoch = state["batch"] >= self.batches_per_epoch
                     if (
                         cfg.checkpoint_every
                         and state["step"] % cfg.checkpoint_every == 0
@@ -469,6 +449,62 @@ class Trainer:
                 if every == 0 or state["step"] % every == 0 or state["epoch"] == cfg.epochs:
                     self._save(state)
         return self._result(state, completed=state["epoch"] >= cfg.epochs)
+
+    def _windows(self, epoch: int, start_batch: int) -> Iterator[list[Any]]:
+        """The epoch's batches from `start_batch` on, grouped into gradient-accumulation windows (aligned to
+        the epoch start, the last one possibly shorter)."""
+        accum = self.config.grad_accum
+        window: list[Any] = []
+        index = start_batch
+        for batch in self._batches(epoch, start_batch):
+            window.append(batch)
+            index += 1
+            if index % accum == 0 or index == self.batches_per_epoch:
+                yield window
+                window = []
+
+    def _counted_rows(self, inputs: Any, mask: Tensor | None) -> int:
+        if mask is not None:
+            return int(mask.sum())
+        return len(inputs) if not isinstance(inputs, dict) else len(next(iter(inputs.values())))
+
+    def _train_window(
+        self, window: list[Any], weights: list[float], progress: TrainProgress
+    ) -> Tensor | None:
+        """Forward and backward over one accumulation window, then one optimizer step.
+
+        Each micro-batch's objectives are means over its counted rows (samples, or tokens where a mask is
+        given); weighting micro-batch i by n_i / N, N the rows counted in the whole window on all processes,
+        makes the gradient that of the mean over every counted row of the window: accumulation 4 x batch 2
+        equals 1 x batch 8, for any padding. DDP averages gradients over processes, hence the world size.
+        Returns the window's mean value per term, or None when a non-finite value made it skip the window.
+        """
+        micro = [tuple(self._to_device(v) for v in _split_batch(batch)) for batch in window]
+        counts = [self._counted_rows(inputs, mask) for inputs, _, mask in micro]
+        window_rows = torch.tensor(float(sum(counts)), device=self.device)
+        if self.accelerator.num_processes > 1:
+            window_rows = self.accelerator.reduce(window_rows, reduction="sum")
+        world = self.accelerator.num_processes
+        values_sum = torch.zeros(len(self.terms))
+        counted = 0
+        for index, ((inputs, labels, mask), rows) in enumerate(zip(micro, counts, strict=True)):
+            if rows == 0:
+                continue
+            outputs = self._step_outputs(inputs, labels, mask, progress)
+            values = [objective(outputs) for objective in self.objectives]
+            detached = torch.stack([v.detach().float() for v in values]).cpu()
+            if self._check_finite(detached, progress.step):  # the recipe says skip: drop the whole window
+                self._optimizer_step(skip=True)
+                return None
+            loss = sum(w * v for w, v in zip(weights, values, strict=True))
+            last = index == len(micro) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else self.accelerator.no_sync(self.student)
+            with sync:
+                self.accelerator.backward(loss * (rows * world / window_rows))
+            values_sum += detached * rows
+            counted += rows
+        self._optimizer_step(skip=counted == 0)
+        return values_sum / max(1, counted)
 
     def _stop_on_signal(self, state: dict[str, Any], stop: StopRequest) -> None:
         self._save(state)
