@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from distill.errors import UserError
@@ -93,6 +94,19 @@ class LogitObjective(Objective):
         self.fn = fn
         self.params = dict(params)
         self.needs_labels = needs_labels
+        self._dry_run()
+
+    def _dry_run(self) -> None:
+        """Call the loss once on a tiny batch so that a bad parameter value (a zero temperature, a weight
+        outside its range) is refused when the recipe is checked, not hours into training."""
+        logits = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
+        extra = {"labels": torch.tensor([0, 1])} if self.needs_labels else {}
+        try:
+            value = self.fn(logits, logits.flip(-1), **extra, **self.params)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"objective '{self.loss_name}': {err}") from err
+        if not torch.isfinite(value).all():
+            raise UserError(f"objective '{self.loss_name}' with {self.params} is not finite on a test batch")
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         if outputs.teacher_logits is None:

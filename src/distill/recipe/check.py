@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 from distill.data import DATASETS
 from distill.errors import UserError
 from distill.models import MODELS, split_model_name
@@ -36,6 +38,8 @@ def _check_factory(registry: Registry[Any], name: str, params: dict[str, Any], w
 
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
+    if recipe.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{source}: trainer.device is 'cuda' but no CUDA device is available")
     _check_factory(DATASETS, recipe.data.name, recipe.data.params, f"{source}: data")
     for role, spec in (("student", recipe.student), ("teacher", recipe.teacher)):
         if spec is not None:

@@ -47,6 +47,8 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         raise UserError(f"{source}{where}: {err.problem or err}".rstrip()) from err
     except yaml.YAMLError as err:
         raise UserError(f"{source}: not valid YAML ({err})") from err
+    if data is None:
+        raise UserError(f"{source}: the recipe is empty")
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
     return data
