@@ -82,6 +82,57 @@ def methods() -> None:
         console.print(f"{entry.name:<{width}}  {entry.summary}{paper}", highlight=False, soft_wrap=True)
 
 
+bench_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Benchmarks: suites of recipes over methods x seeds."
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("vision")
+def bench_vision(
+    suite: Annotated[str, typer.Option("--suite", help="quick | standard | cifar100")] = "quick",
+    out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="seeds 0..N-1 (default: the suite's 3)")
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="comma-separated subset, e.g. hinton_kd,dkd (default: all)"),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the benchmark in --out")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="recipe override KEY.PATH=VALUE, e.g. data.params.root=/data/cifar100"),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
+) -> None:
+    """Image-classification distillation: every logit objective x seeds; results.md, results.json, plots."""
+    import shlex
+
+    from distill.bench.vision import parse_set, print_results, run_vision_bench
+
+    if resume and out is None:
+        raise UserError("--resume needs the benchmark folder: give --out DIR")
+    command = ["distill", "bench", "vision", "--suite", suite]
+    command += ["--out", str(out)] if out is not None else []
+    command += ["--seeds", str(seeds)] if seeds is not None else []
+    command += ["--methods", methods] if methods else []
+    command += ["--resume"] if resume else []
+    command += [part for item in set_ or [] for part in ("--set", item)]
+    result = run_vision_bench(
+        suite,
+        out=out,
+        seeds=seeds,
+        methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+        resume=resume,
+        overrides=parse_set(set_),
+        progress=progress,
+        console=console,
+        command=shlex.join(command),
+    )
+    print_results(result, console)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:

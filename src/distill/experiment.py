@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ def cache_root() -> Path:
 class SeedRun:
     seed: int
     result: FitResult
+    wall_seconds: float = 0.0  # the whole fit call: training, evaluation, checkpoints
 
 
 @dataclass
@@ -75,6 +77,8 @@ class ExperimentResult:
     methods: list[MethodRuns]
     latency: dict[str, float]
     wall_seconds: float
+    task: str = "classification"  # or "lm" (distill.lm): per-token metrics, its own report
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific facts for the report (LM samples)
 
 
 def optimizer_config(spec: Any) -> OptimizerConfig:
@@ -261,7 +265,22 @@ def run_recipe(
     overwrite: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    teacher_wrapper: Callable[[nn.Module], nn.Module] | None = None,
 ) -> ExperimentResult:
+    """Run every method x seed of `recipe`. `teacher_wrapper`, if given, wraps the frozen teacher the students
+    see (e.g. `distill.bench.memo.MemoizedTeacher`); latency is still measured on the bare teacher."""
+    from distill.lm import is_lm_recipe
+
+    if is_lm_recipe(recipe):  # language models: their own runner (tokenizers, generations, per-token metrics)
+        from distill.lm.experiment import run_lm_recipe
+
+        return run_lm_recipe(
+            recipe, out=out, resume=resume, overwrite=overwrite, progress=progress, console=console
+        )
+    if any(m.source is not None and m.source.name != "dataset" for m in recipe.method_list()) or (
+        recipe.source.name != "dataset"
+    ):
+        raise UserError("source 'teacher_generations' needs a language-model recipe (data: text, jsonl, ...)")
     console = console or Console(stderr=True)
     started = time.perf_counter()
     if recipe.trainer.threads:
@@ -289,6 +308,9 @@ def run_recipe(
     teacher, teacher_info = (None, None)
     if recipe.teacher is not None:
         teacher, teacher_info = obtain_teacher(recipe, data, out_dir, progress)
+    bare_teacher = teacher
+    if teacher is not None and teacher_wrapper is not None:
+        teacher = teacher_wrapper(teacher)
     # Only now, with data, student and teacher known to fit, does the run folder appear.
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "recipe.yaml", recipe_text)
@@ -310,6 +332,7 @@ def run_recipe(
             student = build_recipe_model(recipe.student, data, "student")
             student_parameters = count_parameters(student)
             per_epoch = steps_per_epoch(len(data.train), recipe.data.batch_size, t.grad_accum)  # type: ignore[arg-type]
+            fit_started = time.perf_counter()
             result = fit(
                 student,
                 data.train,
@@ -338,7 +361,7 @@ def run_recipe(
                 progress=progress,
                 tensorboard=recipe.output.tensorboard,
             )
-            runs.runs.append(SeedRun(seed, result))
+            runs.runs.append(SeedRun(seed, result, time.perf_counter() - fit_started))
             console.print(
                 f"  {method.name:<16} seed {seed}: accuracy {result.final.get('accuracy', float('nan')):.4f} "
                 f"({result.train_seconds:.1f}s)"
@@ -351,8 +374,8 @@ def run_recipe(
             [data.test[i][0] for i in range(min(len(data.test), recipe.data.eval_batch_size))]
         )
         latency["student"] = latency_per_batch(student.cpu(), example)
-        if teacher is not None:
-            latency["teacher"] = latency_per_batch(teacher.cpu(), example)
+        if bare_teacher is not None:
+            latency["teacher"] = latency_per_batch(bare_teacher.cpu(), example)
         latency["batch"] = float(len(example))
     return ExperimentResult(
         recipe=recipe,

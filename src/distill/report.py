@@ -130,6 +130,10 @@ def _objective_text(objective: dict[str, Any]) -> str:
 
 def write_report(result: ExperimentResult) -> Path:
     """Write report.md, metrics.json and learning_curves.png into the run folder; return the report path."""
+    if result.task == "lm":
+        from distill.lm.report import write_lm_report
+
+        return write_lm_report(result)
     recipe = result.recipe
     out = result.out_dir
     plot = plot_learning_curves(result, out / "learning_curves.png")
@@ -260,6 +264,10 @@ def plot_learning_curves(result: ExperimentResult, path: Path) -> Path | None:
 
 
 def print_table(result: ExperimentResult, console: Console) -> None:
+    if result.task == "lm":
+        from distill.lm.report import print_lm_table
+
+        return print_lm_table(result, console)
     table = Table(title=f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, test split")
     for header in HEADERS:
         table.add_column(header, justify="left" if header == "method" else "right")

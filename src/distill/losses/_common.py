@@ -231,9 +231,14 @@ class _FusedKL(torch.autograd.Function):
             ca, cb = a[rows], b[rows]
             if temperature != 1.0:
                 ca, cb = ca / temperature, cb / temperature
-            lse_a[rows] = torch.logsumexp(ca, dim=-1)
-            lse_b[rows] = torch.logsumexp(cb, dim=-1)
-            out[rows] = _kl_chunk(ca, cb, lse_a[rows], lse_b[rows])[3]
+            la = torch.logsumexp(ca, dim=-1)
+            lb = torch.logsumexp(cb, dim=-1)
+            lse_a[rows], lse_b[rows] = la, lb
+            if bool(torch.isinf(ca).any()) or bool(torch.isinf(cb).any()):
+                out[rows] = _kl_chunk(ca, cb, la, lb)[3]
+            else:  # no masked entries: sum P (a - b) + lse_b - lse_a, with no (N, V) temporaries but P
+                p = torch.exp(ca - la[:, None])
+                out[rows] = torch.einsum("ij,ij->i", p, ca) - torch.einsum("ij,ij->i", p, cb) + (lb - la)
         ctx.save_for_backward(a, b, lse_a, lse_b, out)
         ctx.temperature = temperature
         return out
@@ -251,12 +256,14 @@ class _FusedKL(torch.autograd.Function):
             if temperature != 1.0:
                 ca, cb = ca / temperature, cb / temperature
             g = (grad_out[rows] / temperature)[:, None]
-            _, p, diff, _ = _kl_chunk(ca, cb, lse_a[rows], lse_b[rows])
+            if grad_a is not None:
+                _, p, diff, _ = _kl_chunk(ca, cb, lse_a[rows], lse_b[rows])
+                grad_a[rows] = g * p * (diff - kl[rows][:, None])
+            else:
+                p = torch.exp(ca - lse_a[rows][:, None])
             if grad_b is not None:
                 q = torch.exp(cb - lse_b[rows][:, None])
-                grad_b[rows] = g * (q - p)
-            if grad_a is not None:
-                grad_a[rows] = g * p * (diff - kl[rows][:, None])
+                grad_b[rows] = q.sub_(p).mul_(g)
         return grad_a, grad_b, None
 
 

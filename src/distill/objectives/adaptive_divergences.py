@@ -239,30 +239,35 @@ OBJECTIVES.add(
     TAIDObjective,
     summary="interpolated target softmax((1-t) sg(z_s) + t z_t), adaptive t",
     paper=_TAID,
+    function=losses.taid,
 )
 OBJECTIVES.add(
     "adakd",
     AdaKDObjective,
     summary="token focusing (LATF) + inverse-difficulty temperatures (IDTS) over a base divergence",
     paper=_ADAKD,
+    function=losses.adakd,
 )
 OBJECTIVES.add(
     "bdkd",
     BDKDObjective,
     summary="entropy-balanced forward + reverse KL per sample (online or offline)",
     paper=_BDKD,
+    function=losses.bdkd,
 )
 OBJECTIVES.add(
     "swing_kd",
     SwingObjective,
     summary="per-token temperature from a privacy score, seeded Laplace noise on soft targets",
     paper=_SWING,
+    function=losses.swing_kd,
 )
 OBJECTIVES.add(
     "entropy_regularizer",
     EntropyRegularizer,
     summary="minus the student's entropy (keeps entropy from collapsing when weighted > 0)",
     paper=_DECOUPLING,
+    function=losses.student_entropy,
 )
 register_logit_loss(
     "token_selective_kd",

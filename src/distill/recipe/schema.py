@@ -54,9 +54,12 @@ class DataSpec(Section):
 
 
 class SourceSpec(Section):
-    """Where inputs come from. `dataset`: the training split as it is."""
+    """Where inputs come from. `dataset`: the training split as it is. `teacher_generations` (language
+    models): the teacher completes the training prompts (sequence-level KD); `params` are its sampling
+    settings (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`, `fixed_length`, `seed`)."""
 
-    name: Literal["dataset"] = "dataset"
+    name: Literal["dataset", "teacher_generations"] = "dataset"
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class ObjectiveSpec(Section):
@@ -71,6 +74,7 @@ class MethodSpec(Section):
 
     name: str
     objectives: list[ObjectiveSpec] = Field(min_length=1)
+    source: SourceSpec | None = Field(default=None, description="this method's source; None: the recipe's")
 
 
 class OptimizerSpec(Section):

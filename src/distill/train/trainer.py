@@ -14,7 +14,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -122,15 +122,29 @@ def _make_loader(
         world_size=acc.num_processes if shuffle else 1,
     )
     # A private generator: iterating a DataLoader otherwise draws a seed from the global RNG, which would
-    # shift dropout masks after a mid-epoch resume.
+    # shift dropout masks after a mid-epoch resume. A data set with a `collate_fn` attribute (token
+    # sequences padded per batch) brings its own collation.
     return DataLoader(
-        data, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed)
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=getattr(data, "collate_fn", None),
     )
 
 
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
 def _split_batch(batch: Any) -> tuple[Any, Tensor | None, Tensor | None]:
-    """(inputs, labels, mask) from a tuple `(x, y)` / `(x, y, mask)` or a dict with those keys."""
+    """(inputs, labels, mask) from a tuple `(x, y)` / `(x, y, mask)` or a dict with those keys.
+
+    A dict with `input_ids` (and no `inputs`) is a language-model batch: its model inputs (`input_ids`,
+    `attention_mask`, ...) stay a dict and are passed to the model as keyword arguments."""
     if isinstance(batch, dict):
+        if "inputs" not in batch and "input_ids" in batch:
+            inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+            return inputs, batch.get("labels"), batch.get("mask")
         return batch.get("inputs", batch.get("input_ids")), batch.get("labels"), batch.get("mask")
     if isinstance(batch, list | tuple):
         return batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None
@@ -152,8 +166,12 @@ class Trainer:
         run_dir: str | Path | None = None,
         fingerprint: str = "",
         label: str = "train",
+        evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
     ) -> None:
         self.config = config or TrainerConfig()
+        # `evaluator(student, teacher) -> metrics` replaces the classification evaluation (language models);
+        # its metrics should include "accuracy", the key the best epoch is chosen by.
+        self.evaluator = evaluator
         self.optimizer_config = optimizer or OptimizerConfig()
         self.schedule_config = schedule or ScheduleConfig()
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -232,7 +250,7 @@ class Trainer:
     def _teacher_forward(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         assert self.teacher is not None and self.teacher_hooks is not None
         with torch.inference_mode(), self.accelerator.autocast():
-            logits = logits_of(self.teacher(inputs))
+            logits = logits_of(_call(self.teacher, inputs))
         # Inference tensors cannot be saved for backward; a clone outside inference mode can.
         features = {k: v.clone() for k, v in self.teacher_hooks.features.items()}
         self.teacher_hooks.clear()
@@ -245,7 +263,7 @@ class Trainer:
         if self.teacher is not None and any(o.needs_teacher for o in self.objectives):
             teacher_logits, teacher_features = self._teacher_forward(inputs)
         with self.accelerator.autocast():
-            student_logits = logits_of(self.student(inputs))
+            student_logits = logits_of(_call(self.student, inputs))
         features = dict(self.student_hooks.features)
         self.student_hooks.clear()
         return StepOutputs(
@@ -259,6 +277,8 @@ class Trainer:
         )
 
     def _to_device(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self._to_device(v) for k, v in value.items()}
         return value.to(self.device, non_blocking=True) if isinstance(value, Tensor) else value
 
     # ---------------------------------------------------------------- evaluation
@@ -271,12 +291,14 @@ class Trainer:
         for batch in self.eval_loader:
             inputs, y, _ = _split_batch(batch)
             with self.accelerator.autocast():
-                logits.append(logits_of(model(self._to_device(inputs))).float().cpu())
+                logits.append(logits_of(_call(model, self._to_device(inputs))).float().cpu())
             labels.append(y)
         model.train(was_training)
         return torch.cat(logits), torch.cat(labels)
 
     def evaluate(self) -> dict[str, float]:
+        if self.evaluator is not None:
+            return self.evaluator(self.accelerator.unwrap_model(self.student), self.teacher)
         if self.eval_loader is None:
             return {}
         if self.teacher is not None and self._teacher_eval_logits is None:
@@ -577,6 +599,11 @@ class Trainer:
         return result
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """A model on its inputs: a dict (a language-model batch) is passed as keyword arguments."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def fit(
     student: nn.Module,
     train_data: Dataset | DataLoader,
@@ -590,12 +617,14 @@ def fit(
     resume: bool = False,
     fingerprint: str = "",
     label: str = "train",
+    evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
     **config: Any,
 ) -> FitResult:
     """Train `student` on `train_data` with `objectives`, distilling from `teacher` if given.
 
     Keyword arguments beyond these are `TrainerConfig` fields (`epochs=30`, `batch_size=32`, ...).
     Objectives: names (`"hinton_kd"`), `(name, weight)`, `(name, weight, params)`, `Term`s or objects.
+    `evaluator(student, teacher) -> metrics`, if given, replaces the classification metrics (language models).
     """
     unknown = set(config) - set(TrainerConfig.__dataclass_fields__)
     if unknown:
@@ -612,5 +641,6 @@ def fit(
         run_dir=run_dir,
         fingerprint=fingerprint,
         label=label,
+        evaluator=evaluator,
     )
     return trainer.fit(resume=resume)

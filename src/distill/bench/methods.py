@@ -1,0 +1,220 @@
+"""Which registered objectives the vision benchmark runs, and how each is combined with cross-entropy.
+
+The method list is built from the objective registry at run time: every objective that compares classifier
+logits (it needs the teacher's logits and at most the labels, no features) is a method. What is known
+about each one lives here, in one place:
+
+- `NOT_FOR_CLASSIFIERS`: registered objectives that are not image-classification distillation methods
+  (token-level LM methods, regularisers without a teacher), with the reason. An objective may also declare
+  itself with `OBJECTIVES.add(..., classification=False)` (or `True`), which wins over this list.
+- `PUBLISHED`: the settings of methods with a published CIFAR protocol (or the nearest thing to one), with
+  where they come from. Epoch counts in them are on the 240-epoch CIFAR schedule and are scaled to a
+  suite's epochs.
+- Any other logit objective (one registered later, or a divergence from the LM literature) gets the KD
+  protocol's weights, 0.1 cross-entropy + 0.9 x the objective with its own default parameters, and the
+  table says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill.errors import UserError
+from distill.objectives import OBJECTIVES
+from distill.recipe.schema import MethodSpec, ObjectiveSpec
+from distill.registry import nearest
+
+PROTOCOL_EPOCHS = 240  # the CRD / mdistiller CIFAR-100 schedule the published settings refer to
+BASELINE = "student"  # the method name of "student alone" in --methods
+
+NOT_FOR_CLASSIFIERS: dict[str, str] = {
+    "cross_entropy": "the labels alone: this is the 'student alone' baseline, not a distillation method",
+    "adakd": "token-level focusing for LM distillation (needs a token axis)",
+    "token_selective_kd": "token-selective LM distillation (per-token weighting)",
+    "swing_kd": "per-token privacy temperatures for LM distillation",
+    "entropy_regularizer": "a regulariser on the student alone (no teacher)",
+}
+
+
+@dataclass(frozen=True)
+class Term:
+    objective: str
+    weight: float
+    params: dict[str, Any] = field(default_factory=dict)
+    warmup_epochs: float = 0.0  # on the 240-epoch protocol; scaled to the suite's epochs
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str  # the row name in tables
+    terms: tuple[Term, ...]
+    source: str  # where the numbers come from
+    objective: str = ""  # the registered objective this method exists for ("" for the baseline)
+
+
+KD_SOURCE = "CRD / mdistiller CIFAR-100 protocol: 0.1 CE + 0.9 KD, T = 4"
+
+STUDENT_ALONE = Setting("student alone", (Term("cross_entropy", 1.0),), "cross-entropy with the labels only")
+
+# Keyed by the registered objective each setting distils with. Extra variants of one objective (KD with
+# logit standardisation) are keyed "objective+variant".
+PUBLISHED: dict[str, Setting] = {
+    "hinton_kd": Setting(
+        "KD",
+        (Term("cross_entropy", 0.1), Term("hinton_kd", 0.9, {"temperature": 4.0})),
+        KD_SOURCE + " (mdistiller configs/cifar100/kd.yaml)",
+        "hinton_kd",
+    ),
+    "hinton_kd+ls": Setting(
+        "KD + LS",
+        (
+            Term("cross_entropy", 0.1),
+            Term("hinton_kd", 9.0, {"temperature": 2.0, "standardize": True}),
+        ),
+        "Logit Standardization in KD (Sun et al., CVPR 2024), official CIFAR-100 command: "
+        "KD config with --logit-stand --base-temp 2 --kd-weight 9",
+        "hinton_kd",
+    ),
+    "dkd": Setting(
+        "DKD",
+        (
+            Term("cross_entropy", 1.0),
+            Term("dkd", 1.0, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}, warmup_epochs=20.0),
+        ),
+        "mdistiller configs/cifar100/dkd (resnet32x4 -> resnet8x4): CE 1, alpha 1, beta 8, T 4, "
+        "weight warm-up 20 of 240 epochs",
+        "dkd",
+    ),
+    "dist_kd": Setting(
+        "DIST",
+        (
+            Term("cross_entropy", 1.0),
+            Term("dist_kd", 1.0, {"temperature": 4.0, "inter_weight": 2.0, "intra_weight": 2.0}),
+        ),
+        "DIST paper, CIFAR-100 setting: CE 1 + beta = gamma = 2, tau = 4 (T^2 inside the loss)",
+        "dist_kd",
+    ),
+    "pld": Setting(
+        "PLD",
+        (Term("pld", 1.0, {"temperature": 1.0}),),
+        "PLD paper: one list-wise loss replaces CE + KD (teacher temperature 1)",
+        "pld",
+    ),
+    "sinkhorn_kd": Setting(
+        "SinKD",
+        (
+            Term("cross_entropy", 1.0),
+            Term("sinkhorn_kd", 1.0, {"temperature": 2.0, "epsilon": 0.1, "iterations": 20}),
+        ),
+        "SinKD official code's Sinkhorn settings (T 2, epsilon 0.1, 20 iterations; its tasks are NLP, "
+        "no CIFAR protocol), added 1:1 to CE",
+        "sinkhorn_kd",
+    ),
+    "bdkd": Setting(
+        "BD-KD",
+        (Term("cross_entropy", 0.1), Term("bdkd", 14.4, {"temperature": 4.0, "balance": 3.0})),
+        "BD-KD replaces KD's KL: the KD protocol (0.1 CE + 0.9 x T^2 x divergence, T 4), balance 3",
+        "bdkd",
+    ),
+    "taid": Setting(
+        "TAID",
+        (Term("cross_entropy", 0.1), Term("taid", 0.9, {"temperature": 1.0})),
+        "TAID official schedule defaults (t 0.4 -> 1, alpha 5e-4, beta 0.99; an LM method, no CIFAR "
+        "protocol) with the KD protocol's weights",
+        "taid",
+    ),
+}
+
+
+def _declared(entry: Any) -> bool | None:
+    value = entry.extra.get("classification")
+    return None if value is None else bool(value)
+
+
+def logit_objective_reason(name: str) -> str | None:
+    """None when the registered objective `name` works on classifier logits; else why not."""
+    entry = OBJECTIVES.entry(name)
+    declared = _declared(entry)
+    if declared is True:
+        return None
+    if declared is False:
+        return "declared not for classification"
+    if name in NOT_FOR_CLASSIFIERS:
+        return NOT_FOR_CLASSIFIERS[name]
+    try:
+        objective = entry.factory()
+    except Exception as err:  # an objective that cannot be built without parameters
+        return f"cannot be built with default parameters ({err})"
+    if not objective.needs_teacher:
+        return "needs no teacher"
+    if objective.student_layers or objective.teacher_layers:
+        return "needs intermediate features"
+    return None
+
+
+def default_setting(name: str) -> Setting:
+    return Setting(
+        name,
+        (Term("cross_entropy", 0.1), Term(name, 0.9)),
+        "no published CIFAR protocol: the KD protocol's weights (0.1 CE + 0.9 term), the loss's defaults",
+        name,
+    )
+
+
+def classification_methods() -> list[tuple[str, Setting]]:
+    """(key, setting) for the baseline and every logit objective registered now, in a stable order:
+    the baseline, the methods with published settings (in `PUBLISHED`'s order), then the rest by name."""
+    usable = [entry.name for entry in OBJECTIVES if logit_objective_reason(entry.name) is None]
+    methods: list[tuple[str, Setting]] = [(BASELINE, STUDENT_ALONE)]
+    for key, setting in PUBLISHED.items():
+        if setting.objective in usable:
+            methods.append((key, setting))
+    methods += [(name, default_setting(name)) for name in usable if name not in PUBLISHED]
+    return methods
+
+
+def skipped_objectives() -> dict[str, str]:
+    """Registered objectives the benchmark does not run, with the reason."""
+    out = {}
+    for entry in OBJECTIVES:
+        reason = logit_objective_reason(entry.name)
+        if reason is not None:
+            out[entry.name] = reason
+    return out
+
+
+def select_methods(names: list[str] | None) -> list[tuple[str, Setting]]:
+    """All methods, or those named (method keys such as `hinton_kd`, `hinton_kd+ls`, or table labels such
+    as `KD`); the baseline is always included."""
+    methods = classification_methods()
+    if not names:
+        return methods
+    by_key = {key: (key, s) for key, s in methods}
+    by_label = {s.label.lower(): (key, s) for key, s in methods}
+    chosen: list[tuple[str, Setting]] = [methods[0]]
+    for name in names:
+        found = by_key.get(name) or by_label.get(name.lower())
+        if found is None:
+            hint = nearest(name, list(by_key) + [s.label for _, s in methods])
+            suggestion = f"; did you mean '{hint}'?" if hint else f"; known: {', '.join(by_key)}"
+            raise UserError(f"--methods: unknown method '{name}'{suggestion}")
+        if found not in chosen:
+            chosen.append(found)
+    return chosen
+
+
+def method_spec(setting: Setting, epochs: int) -> MethodSpec:
+    """The recipe form of a setting, with warm-ups scaled from 240 epochs to `epochs`."""
+    return MethodSpec(
+        name=setting.label,
+        objectives=[
+            ObjectiveSpec(
+                name=t.objective,
+                weight=t.weight,
+                params=dict(t.params),
+                warmup_epochs=round(t.warmup_epochs * epochs / PROTOCOL_EPOCHS, 3),
+            )
+            for t in setting.terms
+        ],
+    )

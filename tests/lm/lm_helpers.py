@@ -1,0 +1,44 @@
+"""Shared bits of the language-model tests: tiny Llama configs, a trained BPE tokenizer, data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from distill.lm.data import addition_record
+
+TEACHER = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+STUDENT = {
+    **TEACHER,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
+def addition_rows(n: int, seed: int = 0, digits: int = 2) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [addition_record(rng, digits) for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def bpe(rows: list[dict[str, str]] | None = None, vocab_size: int = 280):
+    from distill.lm.data import corpus_texts
+    from distill.lm.tokenizers import train_bpe
+
+    return train_bpe(corpus_texts(rows or addition_rows(200)), vocab_size=vocab_size)
