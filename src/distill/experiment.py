@@ -257,6 +257,27 @@ def method_terms(method: MethodSpec) -> list[Term]:
     ]
 
 
+def student_trainer_settings(recipe: Recipe, *, seed: int, progress: bool) -> dict[str, Any]:
+    """The recipe's trainer section as `fit()` settings for one student run."""
+    t = recipe.trainer
+    return {
+        "epochs": t.epochs,
+        "batch_size": recipe.data.batch_size,
+        "grad_accum": t.grad_accum,
+        "mixed_precision": t.mixed_precision,
+        "max_grad_norm": t.max_grad_norm,
+        "checkpoint_every": t.checkpoint_every,
+        "keep_checkpoints": t.keep_checkpoints,
+        "eval_every": t.eval_every,
+        "log_every": t.log_every,
+        "nonfinite": t.nonfinite,
+        "device": t.device,
+        "seed": seed,
+        "progress": progress,
+        "tensorboard": recipe.output.tensorboard,
+    }
+
+
 def run_recipe(
     recipe: Recipe,
     *,
@@ -345,21 +366,8 @@ def run_recipe(
                 resume=resume,
                 fingerprint=fingerprint([recipe_key, method.name, seed]),
                 label=f"{method.name} seed {seed}",
-                epochs=t.epochs,
-                batch_size=recipe.data.batch_size,
                 eval_batch_size=recipe.data.eval_batch_size,
-                grad_accum=t.grad_accum,
-                mixed_precision=t.mixed_precision,
-                max_grad_norm=t.max_grad_norm,
-                checkpoint_every=t.checkpoint_every,
-                keep_checkpoints=t.keep_checkpoints,
-                eval_every=t.eval_every,
-                log_every=t.log_every,
-                nonfinite=t.nonfinite,
-                device=t.device,
-                seed=seed,
-                progress=progress,
-                tensorboard=recipe.output.tensorboard,
+                **student_trainer_settings(recipe, seed=seed, progress=progress),
             )
             runs.runs.append(SeedRun(seed, result, time.perf_counter() - fit_started))
             console.print(

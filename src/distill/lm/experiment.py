@@ -33,6 +33,7 @@ from distill.experiment import (
     resolve_out_dir,
     schedule_config,
     steps_per_epoch,
+    student_trainer_settings,
 )
 from distill.io import (
     atomic_write_json,
@@ -295,20 +296,7 @@ def run_lm_recipe(
                 fingerprint=fingerprint([recipe_key, method.name, seed]),
                 label=f"{method.name} seed {seed}",
                 evaluator=evaluator,
-                epochs=t.epochs,
-                batch_size=recipe.data.batch_size,
-                grad_accum=t.grad_accum,
-                mixed_precision=t.mixed_precision,
-                max_grad_norm=t.max_grad_norm,
-                checkpoint_every=t.checkpoint_every,
-                keep_checkpoints=t.keep_checkpoints,
-                eval_every=t.eval_every,
-                log_every=t.log_every,
-                nonfinite=t.nonfinite,
-                device=t.device,
-                seed=seed,
-                progress=progress,
-                tensorboard=recipe.output.tensorboard,
+                **student_trainer_settings(recipe, seed=seed, progress=progress),
             )
             seconds = max(result.train_seconds, 1e-9)
             for row in (result.final, result.best):
