@@ -192,19 +192,17 @@ def obtain_teacher(
         }
     )
     cached = cache_root() / "teachers" / key
-    manifest_path = cached / "manifest.json"
-    if spec.train.cache and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        weights = cached / "model.safetensors"
-        if weights.exists() and sha256_file(weights) == manifest["sha256"]:
-            _load_weights(teacher, weights, "teacher")
-            return teacher, TeacherInfo(
-                "cache",
-                count_parameters(teacher),
-                manifest["metrics"],
-                manifest["train_seconds"],
-                manifest["history"],
-            )
+    hit = read_teacher_cache(cached) if spec.train.cache else None
+    if hit is not None:
+        weights, manifest = hit
+        _load_weights(teacher, weights, "teacher")
+        return teacher, TeacherInfo(
+            "cache",
+            count_parameters(teacher),
+            manifest["metrics"],
+            manifest["train_seconds"],
+            manifest["history"],
+        )
 
     batch = recipe.data.batch_size
     result = fit(
@@ -228,22 +226,36 @@ def obtain_teacher(
         "trained", count_parameters(teacher), result.final, result.train_seconds, result.history
     )
     if spec.train.cache:
-        staging = cache_root() / "teachers" / f".{key}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_tensors(staging / "model.safetensors", teacher.state_dict())
-        atomic_write_json(
-            staging / "manifest.json",
-            {
-                "sha256": sha256_file(staging / "model.safetensors"),
-                "metrics": info.metrics,
-                "train_seconds": info.train_seconds,
-                "history": info.history,
-                "spec": spec.model_dump(mode="json"),
-            },
-        )
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(staging, cached)
+        write_teacher_cache(cached, teacher, info, spec)
     return teacher, info
+
+
+def read_teacher_cache(cached: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The cached teacher's weights file and manifest, when both are there and the checksum holds."""
+    manifest_path, weights = cached / "manifest.json", cached / "model.safetensors"
+    if not (manifest_path.exists() and weights.exists()):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    return (weights, manifest) if sha256_file(weights) == manifest["sha256"] else None
+
+
+def write_teacher_cache(cached: Path, teacher: nn.Module, info: TeacherInfo, spec: TeacherSpec) -> None:
+    """Weights + manifest (checksum, metrics, spec), staged under a private name and renamed into place."""
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_tensors(staging / "model.safetensors", teacher.state_dict())
+    atomic_write_json(
+        staging / "manifest.json",
+        {
+            "sha256": sha256_file(staging / "model.safetensors"),
+            "metrics": info.metrics,
+            "train_seconds": info.train_seconds,
+            "history": info.history,
+            "spec": spec.model_dump(mode="json"),
+        },
+    )
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(staging, cached)
 
 
 def method_slug(name: str) -> str:

@@ -7,8 +7,6 @@ each method on its source (the data, or the teacher's generations), evaluated pe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,18 +28,17 @@ from distill.experiment import (
     method_slug,
     method_terms,
     optimizer_config,
+    read_teacher_cache,
     resolve_out_dir,
     schedule_config,
     steps_per_epoch,
     student_trainer_settings,
+    write_teacher_cache,
 )
 from distill.io import (
-    atomic_write_json,
     atomic_write_text,
     fingerprint,
     load_tensors,
-    save_tensors,
-    sha256_file,
 )
 from distill.lm.data import LMData, LMDataset
 from distill.lm.evaluate import LMEvaluator, describe_metrics
@@ -114,16 +111,14 @@ def obtain_lm_teacher(
     teacher = build_lm_model(spec, tokenizer, "teacher", for_training=True)
     key = _teacher_key(recipe, tokenizer)
     cached = cache_root() / "lm-teachers" / key
-    manifest_path = cached / "manifest.json"
     info: TeacherInfo | None = None
-    if spec.train.cache and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        weights = cached / "model.safetensors"
-        if weights.exists() and sha256_file(weights) == manifest["sha256"]:
-            teacher.load_state_dict(load_tensors(weights), strict=False)
-            info = TeacherInfo(
-                "cache", count_parameters(teacher), manifest["metrics"], manifest["train_seconds"], []
-            )
+    hit = read_teacher_cache(cached) if spec.train.cache else None
+    if hit is not None:
+        weights, manifest = hit
+        teacher.load_state_dict(load_tensors(weights), strict=False)
+        info = TeacherInfo(
+            "cache", count_parameters(teacher), manifest["metrics"], manifest["train_seconds"], []
+        )
     if info is None:
         batch = recipe.data.batch_size
         result = fit(
@@ -147,20 +142,7 @@ def obtain_lm_teacher(
             "trained", count_parameters(teacher), result.final, result.train_seconds, result.history
         )
         if spec.train.cache:
-            staging = cached.with_name(f".{key}.{os.getpid()}.partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            save_tensors(staging / "model.safetensors", teacher.state_dict())
-            atomic_write_json(
-                staging / "manifest.json",
-                {
-                    "sha256": sha256_file(staging / "model.safetensors"),
-                    "metrics": info.metrics,
-                    "train_seconds": info.train_seconds,
-                    "spec": spec.model_dump(mode="json"),
-                },
-            )
-            shutil.rmtree(cached, ignore_errors=True)
-            os.replace(staging, cached)
+            write_teacher_cache(cached, teacher, info, spec)
     dtype = spec.params.get("dtype")
     if dtype is not None:
         teacher = teacher.to({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32))
