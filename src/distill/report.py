@@ -169,9 +169,7 @@ def write_report(result: ExperimentResult) -> Path:
         + _gain_sentence(result)
         + "\nObjectives per method:\n\n"
         + "".join(
-            f"- {m.name}: "
-            + ", ".join(_objective_text(o) for o in m.objectives)
-            + "\n"
+            f"- {m.name}: " + ", ".join(_objective_text(o) for o in m.objectives) + "\n"
             for m in result.methods
         )
         + (f"\n![learning curves]({plot.name})\n" if plot else "")
@@ -268,9 +266,20 @@ def print_table(result: ExperimentResult, console: Console) -> None:
         from distill.lm.report import print_lm_table
 
         return print_lm_table(result, console)
-    table = Table(title=f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, test split")
-    for header in HEADERS:
+    console.print(
+        rich_table(
+            f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, test split",
+            HEADERS,
+            summary_rows(result),
+        )
+    )
+
+
+def rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
+    """A terminal table: the method column left-aligned, numbers right-aligned."""
+    table = Table(title=title)
+    for header in headers:
         table.add_column(header, justify="left" if header == "method" else "right")
-    for row in summary_rows(result):
+    for row in rows:
         table.add_row(*row)
-    console.print(table)
+    return table

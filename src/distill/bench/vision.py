@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from distill.bench.memo import MemoizedTeacher
 from distill.bench.methods import Setting, method_spec, select_methods, skipped_objectives
@@ -32,7 +31,7 @@ from distill.recipe.check import check_recipe
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
-from distill.report import mean_std, write_report
+from distill.report import mean_std, rich_table, write_report
 
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": ("bench_vision_quick_digits", "bench_vision_quick_mnist"),
@@ -619,12 +618,8 @@ def plot_curves(result: BenchResult, path: Path) -> Path:
 
 def print_results(result: BenchResult, console: Console) -> None:
     for dataset in result.datasets:
-        table = Table(title=f"{dataset.recipe.name}: {len(dataset.recipe.seeds)} seeds, test split")
-        for header in HEADERS:
-            table.add_column(header, justify="left" if header == "method" else "right")
-        for row in table_rows(dataset):
-            table.add_row(*row)
-        console.print(table)
+        title = f"{dataset.recipe.name}: {len(dataset.recipe.seeds)} seeds, test split"
+        console.print(rich_table(title, HEADERS, table_rows(dataset)))
     console.print(f"results: {result.out_dir / 'results.md'} ({result.wall_seconds / 60:.1f} min)")
 
 

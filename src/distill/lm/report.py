@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from distill.experiment import ExperimentResult
 from distill.io import atomic_write_json, atomic_write_text
+from distill.report import rich_table
 
 
 def _values(result: ExperimentResult, method: int, key: str) -> list[float]:
@@ -141,9 +141,5 @@ def write_lm_report(result: ExperimentResult) -> Path:
 
 
 def print_lm_table(result: ExperimentResult, console: Console) -> None:
-    table = Table(title=f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, held-out tokens")
-    for header in headers(result):
-        table.add_column(header, justify="left" if header == "method" else "right")
-    for row in summary_rows(result):
-        table.add_row(*row)
-    console.print(table)
+    title = f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, held-out tokens"
+    console.print(rich_table(title, headers(result), summary_rows(result)))
