@@ -60,6 +60,9 @@ class Term:
         return self.weight * min(1.0, epoch / self.warmup_epochs)
 
 
+# (batch, unwrapped student, progress) -> batch
+BatchTransform = Callable[[Any, nn.Module, TrainProgress], Any]
+
 TermLike = Term | tuple[Any, ...] | str | Objective
 
 
@@ -167,8 +170,12 @@ class Trainer:
         fingerprint: str = "",
         label: str = "train",
         evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
+        batch_transform: BatchTransform | None = None,
     ) -> None:
         self.config = config or TrainerConfig()
+        # `batch_transform(batch, student, progress) -> batch` rewrites each training micro-batch before the
+        # forward passes (on-policy sources replace the completions with the student's own rollouts).
+        self.batch_transform = batch_transform
         # `evaluator(student, teacher) -> metrics` replaces the classification evaluation (language models);
         # its metrics should include "accuracy", the key the best epoch is chosen by.
         self.evaluator = evaluator
@@ -501,6 +508,9 @@ class Trainer:
         equals 1 x batch 8, for any padding. DDP averages gradients over processes, hence the world size.
         Returns the window's mean value per term, or None when a non-finite value made it skip the window.
         """
+        if self.batch_transform is not None:
+            student = self.accelerator.unwrap_model(self.student)
+            window = [self.batch_transform(self._to_device(batch), student, progress) for batch in window]
         micro = [tuple(self._to_device(v) for v in _split_batch(batch)) for batch in window]
         counts = [self._counted_rows(inputs, mask) for inputs, _, mask in micro]
         window_rows = torch.tensor(float(sum(counts)), device=self.device)
@@ -618,6 +628,7 @@ def fit(
     fingerprint: str = "",
     label: str = "train",
     evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
+    batch_transform: BatchTransform | None = None,
     **config: Any,
 ) -> FitResult:
     """Train `student` on `train_data` with `objectives`, distilling from `teacher` if given.
@@ -625,6 +636,7 @@ def fit(
     Keyword arguments beyond these are `TrainerConfig` fields (`epochs=30`, `batch_size=32`, ...).
     Objectives: names (`"hinton_kd"`), `(name, weight)`, `(name, weight, params)`, `Term`s or objects.
     `evaluator(student, teacher) -> metrics`, if given, replaces the classification metrics (language models).
+    `batch_transform(batch, student, progress) -> batch` rewrites each training micro-batch first.
     """
     unknown = set(config) - set(TrainerConfig.__dataclass_fields__)
     if unknown:
@@ -642,5 +654,6 @@ def fit(
         fingerprint=fingerprint,
         label=label,
         evaluator=evaluator,
+        batch_transform=batch_transform,
     )
     return trainer.fit(resume=resume)
