@@ -108,3 +108,26 @@ def test_recipes_cannot_execute_code(tmp_path: Path) -> None:
 def test_missing_recipe_file() -> None:
     with pytest.raises(UserError, match="recipe file not found: nope.yaml"):
         load_recipe("nope.yaml")
+
+
+def test_builtin_recipes_load_by_name_and_a_near_miss_is_named():
+    from distill.recipe.load import builtin_recipes
+
+    assert {"quickstart", "lm_shakespeare", "lm_arithmetic"} <= set(builtin_recipes())
+    for name in builtin_recipes():
+        assert load_recipe(name).name
+    with pytest.raises(UserError, match="built-in recipe 'lm_arithmetic'"):
+        load_recipe("lm_arithmetc")
+
+
+def test_yaml_merge_keys_work_and_own_keys_win(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: anchors\n"
+        "data: {name: digits}\n"
+        "teacher: &t {name: mlp, params: {hidden: [16]}}\n"
+        "student:\n  <<: *t\n  params: {hidden: [4]}\n"
+        "methods: [{name: ce, objectives: [{name: cross_entropy}]}]\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.student.name == "mlp" and recipe.student.params == {"hidden": [4]}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,17 @@ class DataSplits:
 
 
 DATASETS: Registry[DataSplits] = Registry("data set")
+
+
+def shared_data_dir() -> Path:
+    """The project's shared real data (`../shared/data` from the project root); `DISTILL_SHARED_DATA` wins."""
+    if env := os.environ.get("DISTILL_SHARED_DATA"):
+        return Path(env).expanduser()
+    candidates = [
+        Path(__file__).resolve().parents[3].parent / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def build_data(name: str, **params: Any) -> DataSplits:

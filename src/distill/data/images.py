@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from distill.data.base import DATASETS, DataSplits
+from distill.data.base import DATASETS, DataSplits, shared_data_dir
 from distill.errors import UserError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -59,17 +59,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 # ------------------------------------------------------------------------------------------------ paths
-
-
-def shared_data_dir() -> Path:
-    """The project's shared real data (`../shared/data` from the project root); `DISTILL_SHARED_DATA` wins."""
-    if env := os.environ.get("DISTILL_SHARED_DATA"):
-        return Path(env).expanduser()
-    candidates = [
-        Path(__file__).resolve().parents[3].parent / "shared" / "data",
-        Path.cwd().parent / "shared" / "data",
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def cache_dir() -> Path:

@@ -1,10 +1,19 @@
-"""Language-model data sets (`text`, `jsonl`, `json`, `csv`, `parquet`, `arithmetic`): `distill.lm.data`."""
+"""Language-model data sets (`text`, `jsonl`, `json`, `csv`, `parquet`, `arithmetic`, `tinyshakespeare`):
+`distill.lm.data`."""
 
 from functools import partial
+from typing import Any
 
-from distill.data.base import DATASETS
-from distill.lm.data import arithmetic_data, file_data
+from distill.data.base import DATASETS, shared_data_dir
+from distill.lm.data import LMData, arithmetic_data, file_data
+
+
+def tinyshakespeare_data(*, path: str | None = None, **params: Any) -> LMData:
+    """Tiny-shakespeare as plain text: the shared copy (`text/tinyshakespeare.txt`) unless `path` is given."""
+    return file_data("text", path=path or str(shared_data_dir() / "text" / "tinyshakespeare.txt"), **params)
+
 
 for _name in ("text", "jsonl", "json", "csv", "parquet"):
     DATASETS.add(_name, partial(file_data, _name), summary=f"local {_name} file for language models")
 DATASETS.add("arithmetic", arithmetic_data, summary="synthetic multi-digit additions, exact match")
+DATASETS.add("tinyshakespeare", tinyshakespeare_data, summary="tiny-shakespeare text (the shared copy)")

@@ -1,7 +1,7 @@
 """Language-model distillation on Hugging Face causal LMs: models, tokenizers, data, sequence-level KD,
 evaluation and the recipe runner. Importing this package is cheap (transformers loads on first use)."""
 
-LM_DATA_SETS = ("text", "jsonl", "json", "csv", "parquet", "arithmetic")
+LM_DATA_SETS = ("text", "jsonl", "json", "csv", "parquet", "arithmetic", "tinyshakespeare")
 LM_MODELS = ("hf", "causal_lm")
 
 

@@ -15,15 +15,16 @@ from distill.errors import UserError
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
 
-BUILTIN_RECIPES = ("quickstart",)
-
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader (no tags that build objects) that refuses a key given twice in one mapping."""
+    """SafeLoader (no tags that build objects) that refuses a key given twice in one mapping. Merge keys
+    (`<<: *anchor`) stay allowed: the mapping's own keys override the merged ones, as YAML specifies."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if key in seen:
                 mark = key_node.start_mark
@@ -36,6 +37,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def builtin_recipe_text(name: str) -> str:
     return resources.files("distill.recipes").joinpath(f"{name}.yaml").read_text()
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (`distill run NAME` runs one)."""
+    files = resources.files("distill.recipes").iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
@@ -110,12 +117,19 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path | None = None) -> Recipe:
-    """A recipe from a YAML file, or the built-in quickstart when `path` is None."""
+    """A recipe from a YAML file, a built-in recipe by name (`lm_shakespeare`), or the quickstart when `path`
+    is None. A file that exists wins over a built-in of the same name."""
     if path is None:
-        return recipe_from_dict(parse_yaml(builtin_recipe_text("quickstart"), "quickstart"), "quickstart")
+        path = "quickstart"
     path = Path(path)
     if not path.exists():
-        raise UserError(f"recipe file not found: {path}")
+        name = str(path)
+        if name in builtin_recipes():
+            return recipe_from_dict(parse_yaml(builtin_recipe_text(name), name), name)
+        hint = nearest(name, builtin_recipes())
+        raise UserError(
+            f"recipe file not found: {path}" + (f" (built-in recipe '{hint}'?)" if hint else "")
+        )
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
