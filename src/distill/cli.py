@@ -82,6 +82,42 @@ def methods() -> None:
         console.print(f"{entry.name:<{width}}  {entry.summary}{paper}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def cache(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML (or a built-in recipe's name)")],
+    out: Annotated[Path, typer.Option("--out", help="the cache folder")],
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="ids kept per sample / token (default: all of them)")
+    ] = None,
+    hidden: Annotated[
+        list[str] | None, typer.Option("--hidden", help="also store the output of this teacher module")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="default: the recipe's objectives' temperature")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace another cache in --out")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Run the recipe's teacher once over its training data and store its top-k log-probabilities (sharded,
+    checksummed, resumable); train from it with `teacher: {cache: DIR}`."""
+    from distill.cache.build import make_cache
+    from distill.recipe import load_recipe
+    from distill.recipe.check import check_recipe
+
+    loaded = load_recipe(recipe)
+    check_recipe(loaded, str(recipe))
+    make_cache(
+        loaded,
+        out,
+        k=top_k,
+        temperature=temperature,
+        hidden=tuple(hidden or ()),
+        overwrite=overwrite,
+        progress=progress,
+        console=console,
+    )
+
+
 bench_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Benchmarks: suites of recipes over methods x seeds."
 )

@@ -21,6 +21,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
+from distill.cache.indexed import IndexedDataset
 from distill.data import DataSplits, build_data
 from distill.errors import UserError
 from distill.io import (
@@ -338,9 +339,21 @@ def run_recipe(
     _check_class_counts(build_recipe_model(recipe.student, data, "student"), data, "student")
     console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
 
-    teacher, teacher_info = (None, None)
-    if recipe.teacher is not None:
+    teacher, teacher_info, cache = None, None, None
+    if recipe.teacher is not None and recipe.teacher.cache is not None:
+        from distill.cache.build import (
+            cache_teacher_info,
+            dataset_fingerprint,
+            open_recipe_cache,
+            refuse_augmented,
+        )
+
+        refuse_augmented(data.train)
+        cache = open_recipe_cache(recipe, data=dataset_fingerprint(data.train), vocab=data.num_classes)
+        teacher_info = cache_teacher_info(cache)
+    elif recipe.teacher is not None:
         teacher, teacher_info = obtain_teacher(recipe, data, out_dir, progress)
+    train_set = data.train if cache is None else IndexedDataset(data.train)
     bare_teacher = teacher
     if teacher is not None and teacher_wrapper is not None:
         teacher = teacher_wrapper(teacher)
@@ -368,8 +381,9 @@ def run_recipe(
             fit_started = time.perf_counter()
             result = fit(
                 student,
-                data.train,
+                train_set,
                 teacher=teacher,
+                teacher_cache=cache,
                 eval_data=data.test,
                 objectives=method_terms(method),
                 optimizer=optimizer_config(recipe.optimizer),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import yaml
 from rich.console import Console
 from torch import nn
 
+from distill.cache import IndexedDataset, TeacherCache
+from distill.cache.build import cache_teacher_info, dataset_fingerprint, open_recipe_cache
 from distill.data import build_data
 from distill.errors import UserError
 from distill.experiment import (
@@ -180,6 +183,73 @@ def _source_data(
     return cache[key]
 
 
+@dataclass
+class LMSetup:
+    """What every language-model run (and `distill cache`) starts from."""
+
+    data: LMData
+    tokenizer: Any
+    teacher: nn.Module | None
+    teacher_info: TeacherInfo | None
+    vocabulary: int | None
+    evaluator: LMEvaluator
+    cache: TeacherCache | None = None  # the recipe's teacher cache, standing in for `teacher`
+
+
+def prepare_lm_run(recipe: Recipe, out_dir: Path, *, progress: bool, console: Console) -> LMSetup:
+    """Tokenizer -> data -> vocabulary checks -> the frozen teacher (loaded, cached or trained)."""
+    student_tokenizer = _model_tokenizer(recipe.student)
+    teacher_tokenizer = _model_tokenizer(recipe.teacher)
+    params = dict(recipe.data.params)
+    if student_tokenizer is not None:
+        params["tokenizer"] = student_tokenizer
+    elif params.get("tokenizer") is None:
+        if teacher_tokenizer is None:
+            raise UserError(
+                "no tokenizer: give student.params.tokenizer (a folder), a student folder with one, or "
+                "data.params.tokenizer (a folder or {bpe: {vocab_size: N}})"
+            )
+        params["tokenizer"] = teacher_tokenizer
+    data = build_data(recipe.data.name, **params)
+    if not isinstance(data, LMData):
+        raise UserError(f"data '{recipe.data.name}' is not a language-model data set")
+    tokenizer = data.tokenizer
+    console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
+
+    evaluator = LMEvaluator(data, batch_size=recipe.data.eval_batch_size)
+    # Tokenizers and vocabulary sizes are checked before any teacher is trained or loaded.
+    probe = build_lm_model(recipe.student, tokenizer, "student")
+    from_cache = recipe.teacher is not None and recipe.teacher.cache is not None
+    from_folder = recipe.teacher is not None and recipe.teacher.params.get("path") is not None
+    probe_teacher = (
+        build_lm_model(recipe.teacher, tokenizer, "teacher", for_training=True)
+        if recipe.teacher is not None and not (from_folder or from_cache)
+        else None
+    )
+    vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, probe_teacher, probe)
+    del probe_teacher
+    teacher, teacher_info = None, None
+    if from_cache:
+        cache = open_recipe_cache(
+            recipe,
+            data=dataset_fingerprint(data.train),
+            vocab=vocabulary,
+            tokenizer=tokenizer_fingerprint(tokenizer),
+        )
+        return LMSetup(data, tokenizer, None, cache_teacher_info(cache), vocabulary, evaluator, cache)
+    if recipe.teacher is not None:
+        teacher, teacher_info = obtain_lm_teacher(recipe, data, out_dir, progress, evaluator)
+    if from_folder:
+        vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, teacher, probe)
+    if teacher is not None:
+        slice_logits(teacher, vocabulary)
+        if teacher_info is not None and not teacher_info.metrics:
+            teacher_info.metrics = evaluator(teacher)
+        teacher.eval().requires_grad_(False)
+    del probe
+    return LMSetup(data, tokenizer, teacher, teacher_info, vocabulary, evaluator)
+
+
 def run_lm_recipe(
     recipe: Recipe,
     *,
@@ -199,47 +269,9 @@ def run_lm_recipe(
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     recipe_key = fingerprint(recipe.model_dump(mode="json", exclude={"output"}))
 
-    student_tokenizer = _model_tokenizer(recipe.student)
-    teacher_tokenizer = _model_tokenizer(recipe.teacher)
-    params = dict(recipe.data.params)
-    if student_tokenizer is not None:
-        params["tokenizer"] = student_tokenizer
-    elif params.get("tokenizer") is None:
-        if teacher_tokenizer is None:
-            raise UserError(
-                "no tokenizer: give student.params.tokenizer (a folder), a student folder with one, or "
-                "data.params.tokenizer (a folder or {bpe: {vocab_size: N}})"
-            )
-        params["tokenizer"] = teacher_tokenizer
-    data = build_data(recipe.data.name, **params)
-    if not isinstance(data, LMData):
-        raise UserError(f"data '{recipe.data.name}' is not a language-model data set")
-    tokenizer = data.tokenizer
-    console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
-
-    t = recipe.trainer
-    evaluator = LMEvaluator(data, batch_size=recipe.data.eval_batch_size)
-    # Tokenizers and vocabulary sizes are checked before any teacher is trained or loaded.
-    probe = build_lm_model(recipe.student, tokenizer, "student")
-    from_folder = recipe.teacher is not None and recipe.teacher.params.get("path") is not None
-    probe_teacher = (
-        build_lm_model(recipe.teacher, tokenizer, "teacher", for_training=True)
-        if recipe.teacher is not None and not from_folder
-        else None
-    )
-    vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, probe_teacher, probe)
-    del probe_teacher
-    teacher, teacher_info = None, None
-    if recipe.teacher is not None:
-        teacher, teacher_info = obtain_lm_teacher(recipe, data, out_dir, progress, evaluator)
-    if from_folder:
-        vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, teacher, probe)
-    if teacher is not None:
-        slice_logits(teacher, vocabulary)
-        if teacher_info is not None and not teacher_info.metrics:
-            teacher_info.metrics = evaluator(teacher)
-        teacher.eval().requires_grad_(False)
-    del probe
+    setup = prepare_lm_run(recipe, out_dir, progress=progress, console=console)
+    data, tokenizer, teacher, teacher_info = setup.data, setup.tokenizer, setup.teacher, setup.teacher_info
+    vocabulary, evaluator, t = setup.vocabulary, setup.evaluator, recipe.trainer
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "recipe.yaml", recipe_text)
     if teacher_info is not None:
@@ -260,6 +292,12 @@ def run_lm_recipe(
         if generation:
             generations[method.name] = generation
         train_tokens = train_set.counted_tokens()
+        if setup.cache is not None:
+            if train_set is not data.train:
+                raise UserError(
+                    f"method '{method.name}': a teacher cache covers the data set, not '{source.name}'"
+                )
+            train_set = IndexedDataset(train_set)  # type: ignore[assignment]
         for seed in recipe.seeds:
             seed_everything(seed)
             student = slice_logits(build_lm_model(recipe.student, tokenizer, "student"), vocabulary)
@@ -270,6 +308,7 @@ def run_lm_recipe(
                 student,
                 train_set,
                 teacher=teacher,
+                teacher_cache=setup.cache,
                 objectives=method_terms(method),
                 optimizer=optimizer_config(recipe.optimizer),
                 schedule=schedule_config(recipe.schedule, per_epoch),

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UserError
+from distill.objectives.topk import bucketed
 from distill.registry import Registry, nearest
 
 OBJECTIVES: Registry[Objective] = Registry("objective")
@@ -48,6 +49,9 @@ class StepOutputs:
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     progress: Progress = field(default_factory=lambda: Progress(0, 1, 0.0))
+    # A teacher cache's top-k targets (`distill.losses.sparse.SparseTargets`), one row per counted row in
+    # mask order, in place of `teacher_logits`.
+    teacher_topk: Any = None
 
 
 class Objective(nn.Module):
@@ -55,6 +59,8 @@ class Objective(nn.Module):
 
     needs_teacher: bool = True
     needs_labels: bool = False
+    # Whether the objective can learn from a teacher cache's top-k targets (`distill.objectives.topk`).
+    accepts_topk: bool = False
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
 
@@ -86,7 +92,13 @@ class LogitObjective(Objective):
     """Wraps a pure loss `fn(student_logits, teacher_logits, *, mask, [labels], **params)`."""
 
     def __init__(
-        self, name: str, fn: Callable[..., Tensor], params: dict[str, Any], *, needs_labels: bool
+        self,
+        name: str,
+        fn: Callable[..., Tensor],
+        params: dict[str, Any],
+        *,
+        needs_labels: bool,
+        topk: bool = False,
     ) -> None:
         super().__init__()
         check_params(name, fn, params, reserved={"mask", "labels", "reduction"})
@@ -94,7 +106,17 @@ class LogitObjective(Objective):
         self.fn = fn
         self.params = dict(params)
         self.needs_labels = needs_labels
+        # Logit standardisation reads raw logits, which a top-k target does not hold.
+        self.accepts_topk = topk and not params.get("standardize", False)
         self._dry_run()
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the loss softens with (its default when the recipe gives none)."""
+        if "temperature" in self.params:
+            return float(self.params["temperature"])
+        default = inspect.signature(self.fn).parameters.get("temperature")
+        return 1.0 if default is None else float(default.default)
 
     def _dry_run(self) -> None:
         """Call the loss once on a tiny batch so that a bad parameter value (a zero temperature, a weight
@@ -109,6 +131,15 @@ class LogitObjective(Objective):
             raise UserError(f"objective '{self.loss_name}' with {self.params} is not finite on a test batch")
 
     def forward(self, outputs: StepOutputs) -> Tensor:
+        if outputs.teacher_logits is None and outputs.teacher_topk is not None:
+            if not self.accepts_topk:
+                raise UserError(
+                    f"objective '{self.loss_name}' needs the teacher's full logits, not a top-k cache"
+                )
+            student, teacher = bucketed(
+                outputs.student_logits, outputs.mask, outputs.teacher_topk, self.temperature
+            )
+            return self.fn(student, teacher, **self.params)
         if outputs.teacher_logits is None:
             raise UserError(f"objective '{self.loss_name}' needs teacher logits, but the step has none")
         extra: dict[str, Any] = {}
@@ -131,11 +162,14 @@ def register_logit_loss(
     paper: str,
     summary: str,
     needs_labels: bool = False,
+    topk: bool = False,
 ) -> None:
-    """Register a pure logit loss as an objective usable from recipes and the Python API."""
+    """Register a pure logit loss as an objective usable from recipes and the Python API. `topk`: its value
+    depends only on the two softened distributions, so it learns from a teacher cache's top-k targets through
+    the tail-bucket reduction (`distill.objectives.topk`)."""
 
     def factory(**params: Any) -> Objective:
-        return LogitObjective(name, fn, params, needs_labels=needs_labels)
+        return LogitObjective(name, fn, params, needs_labels=needs_labels, topk=topk)
 
     OBJECTIVES.add(name, factory, summary=summary, paper=paper, function=fn)
 

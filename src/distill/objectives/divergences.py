@@ -17,18 +17,21 @@ register_logit_loss(
     losses.forward_kl,
     paper=_HINTON,
     summary="KL(teacher || student), the true KL (no teacher-entropy offset); mean-seeking",
+    topk=True,
 )
 register_logit_loss(
     "reverse_kl",
     losses.reverse_kl,
     paper="MiniLLM: Knowledge Distillation of Large Language Models (Gu et al., ICLR 2024)",
     summary="KL(student || teacher); mode-seeking",
+    topk=True,
 )
 register_logit_loss(
     "hinton_kd",
     losses.hinton_kd,
     paper=_HINTON,
     summary="KL of temperature-softened distributions times T^2",
+    topk=True,
 )
 register_logit_loss(
     "dkd",
@@ -48,6 +51,7 @@ register_logit_loss(
     losses.total_variation,
     paper="f-Divergence Minimization for Sequence-Level Knowledge Distillation (Wen et al., ACL 2023)",
     summary="total variation distance 1/2 sum |P - Q|",
+    topk=True,
 )
 register_logit_loss(
     "generalized_jsd",
@@ -57,18 +61,21 @@ register_logit_loss(
         "(Agarwal et al., ICLR 2024)"
     ),
     summary="generalised JSD(beta), TRL convention (0: forward KL, 1: reverse KL); normalized is continuous",
+    topk=True,
 )
 register_logit_loss(
     "skew_forward_kl",
     losses.skew_forward_kl,
     paper=_DISTILLM,
     summary="KL(P || alpha P + (1 - alpha) Q)",
+    topk=True,
 )
 register_logit_loss(
     "skew_reverse_kl",
     losses.skew_reverse_kl,
     paper=_DISTILLM,
     summary="KL(Q || alpha Q + (1 - alpha) P)",
+    topk=True,
 )
 register_logit_loss(
     "kl_mixing",

@@ -42,7 +42,7 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
         raise UserError(f"{source}: trainer.device is 'cuda' but no CUDA device is available")
     _check_factory(DATASETS, recipe.data.name, recipe.data.params, f"{source}: data")
     for role, spec in (("student", recipe.student), ("teacher", recipe.teacher)):
-        if spec is not None:
+        if spec is not None and spec.name is not None:
             name, external = split_model_name(spec.name)
             _check_factory(MODELS, name, {**external, **spec.params}, f"{source}: {role}")
     for spec, path in (
@@ -51,6 +51,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
     ):
         if spec is not None and not spec.exists():
             raise UserError(f"{source}: {path}.checkpoint not found: {spec}")
+    cache = None
+    if recipe.teacher is not None and recipe.teacher.cache is not None:
+        from distill.cache.store import TeacherCache
+
+        cache = TeacherCache(recipe.teacher.cache)  # exists, complete, readable: else one line now
     for m_index, method in enumerate(recipe.method_list()):
         for o_index, term in enumerate(method.objectives):
             where = (
@@ -62,6 +67,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
                 raise UserError(f"{source}: {where}: {err}") from err
             except (TypeError, ValueError) as err:
                 raise UserError(f"{source}: {where}: objective '{term.name}': {err}") from err
+            if cache is not None:
+                try:
+                    cache.check_objectives([term.name], [objective])
+                except UserError as err:
+                    raise UserError(f"{source}: {where}: {err}") from err
             if objective.needs_teacher and recipe.teacher is None:
                 raise UserError(
                     f"{source}: {where}: objective '{term.name}' needs a teacher, but the recipe has none"

@@ -43,7 +43,19 @@ class TeacherTraining(Section):
 
 
 class TeacherSpec(ModelSpec):
+    """The teacher: a model (`name`, `params`, `checkpoint`), or `cache`, a folder written by `distill cache`,
+    whose top-k targets replace the teacher (no model is loaded). With both, the cache must come from that
+    teacher."""
+
+    name: str | None = None  # type: ignore[assignment]
     train: TeacherTraining = Field(default_factory=TeacherTraining)
+    cache: Path | None = Field(default=None, description="a teacher cache folder (`distill cache`)")
+
+    @model_validator(mode="after")
+    def _model_or_cache(self) -> TeacherSpec:
+        if self.name is None and self.cache is None:
+            raise ValueError("give the teacher's model (name) or a teacher cache (cache: DIR)")
+        return self
 
 
 class DataSpec(Section):

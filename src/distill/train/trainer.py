@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from distill.cache.indexed import rows_per_sample
 from distill.errors import NonFiniteLossError, UserError
 from distill.io import atomic_write_json, atomic_write_text
 from distill.metrics import classification_metrics
@@ -37,6 +38,9 @@ from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer
 from distill.train.sampler import EpochSampler
 from distill.train.seeding import seed_everything
 from distill.train.signals import StopRequest, TrainingInterrupted, stop_on_signals
+
+if TYPE_CHECKING:
+    from distill.cache.store import TeacherCache
 
 
 @dataclass
@@ -171,8 +175,12 @@ class Trainer:
         label: str = "train",
         evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
         batch_transform: BatchTransform | None = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.config = config or TrainerConfig()
+        # A teacher cache stands in for the live teacher: its top-k targets are looked up by the batch's
+        # sample ids (`distill.cache.IndexedDataset` adds them).
+        self.teacher_cache = teacher_cache
         # `batch_transform(batch, student, progress) -> batch` rewrites each training micro-batch before the
         # forward passes (on-policy sources replace the completions with the student's own rollouts).
         self.batch_transform = batch_transform
@@ -201,7 +209,9 @@ class Trainer:
         self.term_names = self._unique([name for name, _ in built])
         self.objectives = nn.ModuleList([obj for _, obj in built]).to(self.device)
         needs_teacher = any(o.needs_teacher for o in self.objectives)
-        if needs_teacher and teacher is None:
+        if teacher_cache is not None:
+            teacher_cache.check_objectives(self.term_names, list(self.objectives))
+        elif needs_teacher and teacher is None:
             names = [n for n, o in zip(self.term_names, self.objectives, strict=True) if o.needs_teacher]
             raise UserError(f"objectives {', '.join(names)} need a teacher, but none was given")
         self.teacher = teacher
@@ -264,11 +274,22 @@ class Trainer:
         return logits.clone(), features
 
     def _step_outputs(
-        self, inputs: Any, labels: Tensor | None, mask: Tensor | None, progress: TrainProgress
+        self,
+        inputs: Any,
+        labels: Tensor | None,
+        mask: Tensor | None,
+        progress: TrainProgress,
+        index: Tensor | None = None,
     ) -> StepOutputs:
-        teacher_logits, teacher_features = None, {}
-        if self.teacher is not None and any(o.needs_teacher for o in self.objectives):
+        teacher_logits, teacher_features, teacher_topk = None, {}, None
+        needs_teacher = any(o.needs_teacher for o in self.objectives)
+        if self.teacher is not None and needs_teacher:
             teacher_logits, teacher_features = self._teacher_forward(inputs)
+        elif self.teacher_cache is not None and needs_teacher:
+            if index is None:
+                raise UserError("a teacher cache needs batches with sample ids (IndexedDataset)")
+            rows = rows_per_sample(mask, len(index))
+            teacher_topk = self.teacher_cache.targets(index.cpu(), rows)
         with self.accelerator.autocast():
             student_logits = logits_of(_call(self.student, inputs))
         features = dict(self.student_hooks.features)
@@ -281,6 +302,7 @@ class Trainer:
             student_features=features,
             teacher_features=teacher_features,
             progress=progress,
+            teacher_topk=teacher_topk,
         )
 
     def _to_device(self, value: Any) -> Any:
@@ -512,6 +534,7 @@ class Trainer:
             student = self.accelerator.unwrap_model(self.student)
             window = [self.batch_transform(self._to_device(batch), student, progress) for batch in window]
         micro = [tuple(self._to_device(v) for v in _split_batch(batch)) for batch in window]
+        indices = [batch.get("index") if isinstance(batch, dict) else None for batch in window]
         counts = [self._counted_rows(inputs, mask) for inputs, _, mask in micro]
         window_rows = torch.tensor(float(sum(counts)), device=self.device)
         if self.accelerator.num_processes > 1:
@@ -522,7 +545,7 @@ class Trainer:
         for index, ((inputs, labels, mask), rows) in enumerate(zip(micro, counts, strict=True)):
             if rows == 0:
                 continue
-            outputs = self._step_outputs(inputs, labels, mask, progress)
+            outputs = self._step_outputs(inputs, labels, mask, progress, indices[index])
             values = [objective(outputs) for objective in self.objectives]
             detached = torch.stack([v.detach().float() for v in values]).cpu()
             if self._check_finite(detached, progress.step):  # the recipe says skip: drop the whole window
@@ -629,6 +652,7 @@ def fit(
     label: str = "train",
     evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
     batch_transform: BatchTransform | None = None,
+    teacher_cache: TeacherCache | None = None,
     **config: Any,
 ) -> FitResult:
     """Train `student` on `train_data` with `objectives`, distilling from `teacher` if given.
@@ -637,6 +661,8 @@ def fit(
     Objectives: names (`"hinton_kd"`), `(name, weight)`, `(name, weight, params)`, `Term`s or objects.
     `evaluator(student, teacher) -> metrics`, if given, replaces the classification metrics (language models).
     `batch_transform(batch, student, progress) -> batch` rewrites each training micro-batch first.
+    `teacher_cache` (a `distill.cache.TeacherCache`, with `train_data` wrapped in `IndexedDataset`) replaces
+    the teacher by its cached top-k targets.
     """
     unknown = set(config) - set(TrainerConfig.__dataclass_fields__)
     if unknown:
@@ -655,5 +681,6 @@ def fit(
         label=label,
         evaluator=evaluator,
         batch_transform=batch_transform,
+        teacher_cache=teacher_cache,
     )
     return trainer.fit(resume=resume)

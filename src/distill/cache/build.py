@@ -1,0 +1,256 @@
+"""`distill cache`: run a recipe's teacher once over its training data and store its top-k targets; and the
+runners' side, opening a recipe's `teacher: {cache: DIR}` with every identity check."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from distill.cache.indexed import rows_per_sample
+from distill.cache.store import CacheWriter, TeacherCache
+from distill.errors import UserError
+from distill.experiment import TeacherInfo
+from distill.io import fingerprint
+from distill.models.adapters import logits_of
+from distill.models.hooks import FeatureHooks
+from distill.objectives import build_objective
+from distill.recipe.schema import Recipe
+
+DEFAULT_SHARD_ROWS = 1 << 16  # rows (samples or tokens) per shard, about k * 6 * 64k bytes
+
+
+@dataclass
+class CacheSource:
+    """What a cache is made from and checked against: the training set, the teacher, identities."""
+
+    train: Dataset
+    teacher: nn.Module | None
+    teacher_info: TeacherInfo | None
+    kind: str  # "classification" | "lm"
+    vocab: int
+    data: str  # fingerprint of the training samples
+    tokenizer: str | None
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A hash of every training sample (token ids and counted positions, or tensors and labels)."""
+    digest = hashlib.sha256()
+    examples = getattr(dataset, "examples", None)
+    if examples is not None:  # language-model examples
+        for example in examples:
+            digest.update(torch.tensor(example.ids, dtype=torch.int64).numpy().tobytes())
+            digest.update(torch.tensor(example.targets, dtype=torch.bool).numpy().tobytes())
+        return digest.hexdigest()[:16]
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:  # a TensorDataset: hash the tensors whole
+        for tensor in tensors:
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+    for index in range(len(dataset)):  # type: ignore[arg-type]
+        for part in dataset[index]:
+            digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def recipe_temperature(recipe: Recipe) -> float:
+    """The temperature every teacher-reading objective of the recipe softens with (they must agree)."""
+    temperatures = set()
+    for method in recipe.method_list():
+        for term in method.objectives:
+            objective = build_objective(term.name, term.params)
+            if objective.needs_teacher:
+                temperatures.add(float(getattr(objective, "temperature", 1.0)))
+    if len(temperatures) > 1:
+        shown = ", ".join(f"{t:g}" for t in sorted(temperatures))
+        raise UserError(f"the recipe's objectives soften at temperatures {shown}; pass --temperature")
+    return temperatures.pop() if temperatures else 1.0
+
+
+def cache_source(recipe: Recipe, *, progress: bool, console: Console, workdir: Path) -> CacheSource:
+    """The recipe's training set and its live teacher, prepared exactly as a training run prepares them."""
+    if recipe.teacher is None or recipe.teacher.name is None:
+        raise UserError("distill cache needs a recipe whose teacher is a model (teacher.name)")
+    from distill.lm import is_lm_recipe
+
+    if is_lm_recipe(recipe):
+        from distill.lm.experiment import prepare_lm_run
+        from distill.lm.seqkd import tokenizer_fingerprint
+
+        setup = prepare_lm_run(recipe, workdir, progress=progress, console=console)
+        assert setup.teacher is not None
+        return CacheSource(
+            setup.data.train,
+            setup.teacher,
+            setup.teacher_info,
+            "lm",
+            setup.vocabulary or len(setup.tokenizer),
+            dataset_fingerprint(setup.data.train),
+            tokenizer_fingerprint(setup.tokenizer),
+        )
+    from distill.data import build_data
+    from distill.experiment import obtain_teacher
+
+    data = build_data(recipe.data.name, **recipe.data.params)
+    refuse_augmented(data.train)
+    teacher, info = obtain_teacher(recipe, data, workdir, progress)
+    return CacheSource(
+        data.train, teacher, info, "classification", data.num_classes, dataset_fingerprint(data.train), None
+    )
+
+
+def refuse_augmented(dataset: Dataset) -> None:
+    if getattr(dataset, "augment", False):
+        raise UserError(
+            "the training data is augmented (random crops / flips): a cache holds one view per sample, "
+            "which is not the view the student sees; set the data's augment: false or use the live teacher"
+        )
+
+
+def teacher_identity(recipe: Recipe, teacher: nn.Module) -> str:
+    """The teacher's spec and a hash of its weights: a cache is tied to both."""
+    from distill.lm.seqkd import model_fingerprint
+
+    assert recipe.teacher is not None
+    spec = recipe.teacher.model_dump(mode="json", exclude={"cache": True, "train": {"cache"}})
+    return f"{fingerprint(spec)}-{model_fingerprint(teacher)}"
+
+
+def topk_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k ids and log-probabilities at `temperature`, and the log of the mass outside them."""
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+    kept = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
+    tail = torch.log(-torch.expm1(kept))  # -inf when the top-k holds everything
+    return ids, logprobs, tail
+
+
+def make_cache(
+    recipe: Recipe,
+    out: Path,
+    *,
+    k: int | None,
+    temperature: float | None = None,
+    hidden: tuple[str, ...] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+) -> dict[str, Any]:
+    """Write (or finish) the cache of `recipe`'s teacher in `out`; returns its manifest. `k=None`: the full
+    distribution (k = vocabulary size)."""
+    console = console or Console(stderr=True)
+    if k is not None and k < 1:
+        raise UserError("--top-k must be at least 1")
+    temperature = recipe_temperature(recipe) if temperature is None else temperature
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserError("--temperature must be a positive number")
+    with tempfile.TemporaryDirectory(prefix="distill-cache-") as workdir:
+        source = cache_source(recipe, progress=progress, console=console, workdir=Path(workdir))
+    teacher = source.teacher
+    assert teacher is not None
+    k = source.vocab if k is None else min(k, source.vocab)
+    per_sample_rows = 1 if source.kind == "classification" else None
+    header = {
+        "kind": source.kind,
+        "teacher": teacher_identity(recipe, teacher),
+        "tokenizer": source.tokenizer,
+        "data": source.data,
+        "samples": len(source.train),  # type: ignore[arg-type]
+        "k": k,
+        "vocab": source.vocab,
+        "temperature": temperature,
+        "hidden": list(hidden),
+        "teacher_metrics": source.teacher_info.metrics if source.teacher_info else {},
+        "teacher_parameters": source.teacher_info.parameters if source.teacher_info else 0,
+    }
+    batch_size = recipe.data.eval_batch_size
+    # Shards end on batch boundaries: a whole number of batches of samples per shard.
+    samples_per_shard = max(batch_size, (shard_rows // (per_sample_rows or _mean_rows(source.train))))
+    samples_per_shard -= samples_per_shard % batch_size
+    writer = CacheWriter(out, header, shard_samples=samples_per_shard, overwrite=overwrite)
+    start = writer.next_sample
+    remaining = Subset(source.train, range(start, len(source.train)))  # type: ignore[arg-type]
+    loader = DataLoader(
+        remaining, batch_size=batch_size, collate_fn=getattr(source.train, "collate_fn", None)
+    )
+    hooks = FeatureHooks(teacher, sorted(hidden), detach=True) if hidden else None
+    teacher.eval()
+    bar = Progress(
+        TextColumn("[bold]caching the teacher"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=True,
+    )
+    with bar, torch.inference_mode():
+        task = bar.add_task("cache", total=len(source.train), completed=start)  # type: ignore[arg-type]
+        for batch in loader:
+            inputs, mask = _inputs_and_mask(batch)
+            logits = logits_of(teacher(**inputs) if isinstance(inputs, dict) else teacher(inputs))
+            rows = logits[mask] if mask is not None else logits
+            ids, logprobs, tail = topk_rows(rows, k, temperature)
+            states = {}
+            if hooks is not None:
+                states = {
+                    name: (value[mask] if mask is not None else value)
+                    for name, value in hooks.features.items()
+                }
+                hooks.clear()
+            writer.add(ids, logprobs, tail, rows_per_sample(mask, len(logits)), **states)
+            bar.update(task, advance=len(logits))
+    manifest = writer.finish()
+    console.print(
+        f"teacher cache: {manifest['samples']:,} samples, top-{k} at T={temperature:g}, "
+        f"{len(manifest['shards'])} shards -> {out}"
+    )
+    return manifest
+
+
+def _mean_rows(dataset: Dataset) -> int:
+    examples = getattr(dataset, "examples", None)
+    if not examples:
+        return 1
+    return max(1, sum(e.counted for e in examples) // len(examples))
+
+
+def _inputs_and_mask(batch: Any) -> tuple[Any, Tensor | None]:
+    if isinstance(batch, dict):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        return inputs, batch.get("mask")
+    return batch[0], None
+
+
+def open_recipe_cache(recipe: Recipe, *, data: str, vocab: int, tokenizer: str | None = None) -> TeacherCache:
+    """The recipe's `teacher.cache`, checked against this run's data, vocabulary and tokenizer."""
+    assert recipe.teacher is not None and recipe.teacher.cache is not None
+    cache = TeacherCache(recipe.teacher.cache)
+    cache.check(data=data, vocab=vocab, tokenizer=tokenizer)
+    if recipe.teacher.name is not None:  # a named teacher too: the cache must be that teacher's
+        spec = recipe.teacher.model_dump(mode="json", exclude={"cache": True, "train": {"cache"}})
+        if not str(cache.manifest.get("teacher", "")).startswith(fingerprint(spec) + "-"):
+            raise UserError(
+                f"teacher cache {cache.folder} was made by another teacher than the recipe's "
+                f"'{recipe.teacher.name}'; make the cache again or drop teacher.name"
+            )
+    return cache
+
+
+def cache_teacher_info(cache: TeacherCache) -> TeacherInfo:
+    return TeacherInfo(
+        "cache",
+        int(cache.manifest.get("teacher_parameters", 0)),
+        cache.manifest.get("teacher_metrics", {}),
+        0.0,
+        [],
+    )
