@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distill.cache import CacheWriter, IndexedDataset, TeacherCache
-from distill.cache.build import make_cache, topk_rows
+from distill.cache.build import make_cache, rows_with_tail_draws, topk_rows
 from distill.errors import UserError
 from distill.losses.sparse import SparseTargets
 from distill.objectives import build_objective
@@ -201,3 +201,21 @@ def test_indexed_batches_carry_sample_ids():
     )
     for batch in loader:
         assert torch.equal(batch["labels"], batch["index"])
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_tail_draws_keep_the_head_exact_and_the_tail_unbiased(k):
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
+    teacher = torch.softmax(logits, -1)
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.zeros_like(teacher)
+    trials = 400
+    for _ in range(trials):
+        ids, logprobs, tail = rows_with_tail_draws(logits, k, 5, 1.0, generator)
+        assert all(len(set(row.tolist())) == row.numel() for row in ids)  # no id twice
+        assert torch.all(tail == float("-inf"))
+        torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(2))  # all the mass, no tail bucket
+        if k:
+            torch.testing.assert_close(logprobs[:, :k].exp(), teacher.gather(-1, ids[:, :k]))
+        mean += torch.zeros_like(teacher).scatter_add(-1, ids, logprobs.exp()) / trials
+    torch.testing.assert_close(mean, teacher, atol=0.03, rtol=0)

@@ -89,6 +89,10 @@ def cache(
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="ids kept per sample / token (default: all of them)")
     ] = None,
+    tail_draws: Annotated[
+        int,
+        typer.Option("--tail-draws", help="draws from the teacher's tail kept beside the top-k (default 0)"),
+    ] = 0,
     hidden: Annotated[
         list[str] | None, typer.Option("--hidden", help="also store the output of this teacher module")
     ] = None,
@@ -110,6 +114,7 @@ def cache(
         loaded,
         out,
         k=top_k,
+        tail_draws=tail_draws,
         temperature=temperature,
         hidden=tuple(hidden or ()),
         overwrite=overwrite,

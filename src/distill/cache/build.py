@@ -134,11 +134,40 @@ def topk_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tenso
     return ids, logprobs, tail
 
 
+def rows_with_tail_draws(
+    logits: Tensor, k: int, draws: int, temperature: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact top-k, then the tail mass r carried by `draws` tokens drawn (with replacement) from the tail
+    itself: slot log-probability log(r * count / draws), unused slots -inf, no tail bucket left. Exact on the
+    head and unbiased on the tail: the stored distribution's expectation is the teacher's, so a forward-KL
+    gradient against it is unbiased. k = 0 is plain sampling, as in "Sparse Logit Sampling: Accelerating
+    Knowledge Distillation in LLMs" (Anshumann et al., ACL 2025)."""
+    ids, logprobs, tail = topk_rows(logits, k, temperature) if k else (None, None, None)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    tail_log = torch.zeros(len(logits)) if tail is None else tail
+    if ids is not None:
+        probs = probs.scatter(-1, ids, 0.0)
+    empty = probs.sum(-1, keepdim=True) <= 0  # the head holds everything: draws carry no mass
+    picked = torch.multinomial(
+        torch.where(empty, torch.ones_like(probs), probs), draws, True, generator=generator
+    )
+    counts = torch.zeros_like(probs).scatter_add_(1, picked, torch.ones_like(picked, dtype=probs.dtype))
+    if ids is not None:
+        counts = counts.scatter(-1, ids, -1.0)  # never pick a head id again (a duplicate would count twice)
+    kept, drawn = counts.topk(min(draws, counts.shape[-1] - k), dim=-1)
+    drawn_log = tail_log[:, None] + torch.log(kept.clamp(min=0.0) / draws)
+    none = torch.full((len(logits),), float("-inf"))
+    if ids is None:
+        return drawn, drawn_log, none
+    return torch.cat([ids, drawn], -1), torch.cat([logprobs, drawn_log], -1), none
+
+
 def make_cache(
     recipe: Recipe,
     out: Path,
     *,
     k: int | None,
+    tail_draws: int = 0,
     temperature: float | None = None,
     hidden: tuple[str, ...] = (),
     overwrite: bool = False,
@@ -147,10 +176,11 @@ def make_cache(
     shard_rows: int = DEFAULT_SHARD_ROWS,
 ) -> dict[str, Any]:
     """Write (or finish) the cache of `recipe`'s teacher in `out`; returns its manifest. `k=None`: the full
-    distribution (k = vocabulary size)."""
+    distribution (k = vocabulary size). `tail_draws=m` adds m draws from the teacher's tail to the top-k
+    (`rows_with_tail_draws`) in place of the tail bucket."""
     console = console or Console(stderr=True)
-    if k is not None and k < 1:
-        raise UserError("--top-k must be at least 1")
+    if (k is not None and k < 0) or tail_draws < 0 or (k == 0 and tail_draws == 0):
+        raise UserError("--top-k and --tail-draws must be >= 0, and one of them positive")
     temperature = recipe_temperature(recipe) if temperature is None else temperature
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UserError("--temperature must be a positive number")
@@ -159,6 +189,7 @@ def make_cache(
     teacher = source.teacher
     assert teacher is not None
     k = source.vocab if k is None else min(k, source.vocab)
+    draws = min(tail_draws, source.vocab - k)
     per_sample_rows = 1 if source.kind == "classification" else None
     header = {
         "kind": source.kind,
@@ -166,7 +197,8 @@ def make_cache(
         "tokenizer": source.tokenizer,
         "data": source.data,
         "samples": len(source.train),  # type: ignore[arg-type]
-        "k": k,
+        "k": k + draws,
+        "targets": f"top-{k}" + (f"+{draws}-tail-draws" if draws else ""),
         "vocab": source.vocab,
         "temperature": temperature,
         "hidden": list(hidden),
@@ -184,6 +216,7 @@ def make_cache(
         remaining, batch_size=batch_size, collate_fn=getattr(source.train, "collate_fn", None)
     )
     hooks = FeatureHooks(teacher, sorted(hidden), detach=True) if hidden else None
+    generator = torch.Generator().manual_seed(start)  # a resumed cache draws its own, still seeded, samples
     teacher.eval()
     bar = Progress(
         TextColumn("[bold]caching the teacher"),
@@ -199,7 +232,10 @@ def make_cache(
             inputs, mask = _inputs_and_mask(batch)
             logits = logits_of(teacher(**inputs) if isinstance(inputs, dict) else teacher(inputs))
             rows = logits[mask] if mask is not None else logits
-            ids, logprobs, tail = topk_rows(rows, k, temperature)
+            if draws:
+                ids, logprobs, tail = rows_with_tail_draws(rows, k, draws, temperature, generator)
+            else:
+                ids, logprobs, tail = topk_rows(rows, k, temperature)
             states = {}
             if hooks is not None:
                 states = {
@@ -211,7 +247,7 @@ def make_cache(
             bar.update(task, advance=len(logits))
     manifest = writer.finish()
     console.print(
-        f"teacher cache: {manifest['samples']:,} samples, top-{k} at T={temperature:g}, "
+        f"teacher cache: {manifest['samples']:,} samples, {manifest['targets']} at T={temperature:g}, "
         f"{len(manifest['shards'])} shards -> {out}"
     )
     return manifest

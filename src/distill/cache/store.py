@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # Fields two caches must share to be the same cache (a writer resumes only into a matching folder).
 IDENTITY = (
+    "targets",
     "format",
     "kind",
     "teacher",
@@ -251,19 +252,39 @@ class TeacherCache:
     def targets(self, sample_ids: Tensor, rows_per_sample: Tensor | None = None) -> SparseTargets:
         from distill.losses.sparse import SparseTargets
 
-        ids, logprobs, tails = [], [], []
-        for position, sample in enumerate(sample_ids.tolist()):
-            index = self._locate(sample)
-            shard, data = self.shards[index], self._shard(index)
-            local = sample - shard.first
-            offsets = data.get("offsets")
-            start, end = (local, local + 1) if offsets is None else offsets[local : local + 2].tolist()
-            if rows_per_sample is not None and end - start != int(rows_per_sample[position]):
-                raise UserError(
-                    f"teacher cache {self.folder}: sample {sample} has {end - start} cached rows, the batch "
-                    f"counts {int(rows_per_sample[position])}; the data or its masking changed since caching"
-                )
-            ids.append(data["ids"][start:end])
-            logprobs.append(data["logprobs"][start:end])
-            tails.append(data["tail"][start:end])
-        return SparseTargets(torch.cat(ids).long(), torch.cat(logprobs).float(), torch.cat(tails))
+        samples = sample_ids.tolist()
+        shard_of = [self._locate(sample) for sample in samples]
+        parts: list[tuple[int, Tensor]] = []  # (shard, row indices), in batch order
+        position = 0
+        while position < len(samples):  # runs of consecutive batch entries in one shard, gathered at once
+            end = position
+            while end < len(samples) and shard_of[end] == shard_of[position]:
+                end += 1
+            index = shard_of[position]
+            local = torch.tensor(samples[position:end]) - self.shards[index].first
+            offsets = self._shard(index).get("offsets")
+            if offsets is None:
+                starts, counts = local, torch.ones_like(local)
+            else:
+                starts, counts = offsets[local], offsets[local + 1] - offsets[local]
+            if rows_per_sample is not None:
+                expected = rows_per_sample[position:end].to(counts.dtype)
+                bad = (counts != expected).nonzero()
+                if len(bad):
+                    b = int(bad[0])
+                    raise UserError(
+                        f"teacher cache {self.folder}: sample {samples[position + b]} has {int(counts[b])} "
+                        f"cached rows, the batch counts {int(expected[b])}; the data or its masking changed "
+                        "since caching"
+                    )
+            # rows start..start+count of each sample, concatenated
+            steps = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+                counts.cumsum(0) - counts, counts
+            )
+            parts.append((index, torch.repeat_interleave(starts, counts) + steps))
+            position = end
+        columns = [
+            torch.cat([self._shard(index)[name][rows] for index, rows in parts])
+            for name in ("ids", "logprobs", "tail")
+        ]
+        return SparseTargets(columns[0].long(), columns[1].float(), columns[2])
