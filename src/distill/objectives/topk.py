@@ -60,13 +60,3 @@ def bucketed(
     ids = targets.ids.to(rows.device).long()
     return student_buckets(rows, ids, temperature), teacher_buckets(targets, temperature).to(rows.device)
 
-
-def spread_tail_logits(targets: SparseTargets, vocab: int, temperature: float) -> Tensor:
-    """(N, V) teacher logits with the top-k log-probabilities in place and the tail mass spread evenly over
-    the other V - k entries: T * log P, P_j = r / (V - k) off the top-k."""
-    k = targets.ids.shape[-1]
-    rest = max(1, vocab - k)
-    fill = targets.tail_logmass.float() - torch.log(torch.tensor(float(rest)))
-    log_p = fill[:, None].expand(-1, vocab).clone()
-    log_p.scatter_(-1, targets.ids.long(), targets.logprobs.float())
-    return temperature * log_p
