@@ -173,6 +173,11 @@ def _check_class_counts(model: nn.Module, data: DataSplits, role: str) -> None:
         raise UserError(f"the {role} predicts {classes} classes but the data has {data.num_classes}")
 
 
+def teacher_spec_identity(spec: TeacherSpec) -> dict[str, Any]:
+    """The teacher spec's fields that decide its weights (not where caches live)."""
+    return spec.model_dump(mode="json", exclude={"cache": True, "train": {"cache"}})
+
+
 def obtain_teacher(
     recipe: Recipe, data: DataSplits, out_dir: Path, progress: bool
 ) -> tuple[nn.Module, TeacherInfo]:
@@ -187,7 +192,7 @@ def obtain_teacher(
 
     key = fingerprint(
         {
-            "model": spec.model_dump(mode="json", exclude={"train": {"cache"}}),
+            "model": teacher_spec_identity(spec),
             "data": recipe.data.model_dump(mode="json"),
             "format": 1,
         }

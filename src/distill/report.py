@@ -118,7 +118,18 @@ TEACHER_SOURCES = {
     "trained": "trained in this run",
     "cache": "taken from the run cache (its training time is from when it was trained)",
     "checkpoint": "loaded from its checkpoint",
+    "offline": "not loaded: the students learnt from its cached top-k targets",
 }
+
+
+def teacher_line(result: ExperimentResult) -> str:
+    """The report's line on the teacher: what it is and where it came from."""
+    spec, info = result.recipe.teacher, result.teacher
+    if spec is None or info is None:
+        return ""
+    what = f"`{spec.name}` {spec.params}, " if spec.name is not None else ""
+    cache = f" (`{spec.cache}`)" if info.source == "offline" else ""
+    return f"- Teacher: {what}{info.parameters:,} parameters, {TEACHER_SOURCES[info.source]}{cache}.\n"
 
 
 def _objective_text(objective: dict[str, Any]) -> str:
@@ -146,17 +157,11 @@ def write_report(result: ExperimentResult) -> Path:
             speedup = latency["teacher"] / latency["student"]
             latency_line += f", teacher {1e3 * latency['teacher']:.2f} ms ({speedup:.1f}x faster)"
         latency_line += ".\n"
-    teacher_line = ""
-    teacher = recipe.teacher
-    if result.teacher is not None and teacher is not None:
-        teacher_line = (
-            f"- Teacher: `{teacher.name}` {teacher.params}, {result.teacher.parameters:,} parameters, "
-            f"{TEACHER_SOURCES[result.teacher.source]}.\n"
-        )
+    teacher = teacher_line(result)
     text = (
         f"# {recipe.name}\n\n{recipe.description}\n\n"
         f"- Data: {result.data.description}.\n"
-        f"{teacher_line}"
+        f"{teacher}"
         f"- Student: `{recipe.student.name}` {recipe.student.params}, "
         f"{result.student_parameters:,} parameters.\n"
         f"- Seeds: {', '.join(map(str, recipe.seeds))}; every cell is mean ± standard deviation over seeds, "

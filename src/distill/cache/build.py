@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from distill.cache.indexed import rows_per_sample
 from distill.cache.store import CacheWriter, TeacherCache
 from distill.errors import UserError
-from distill.experiment import TeacherInfo
+from distill.experiment import TeacherInfo, teacher_spec_identity
 from distill.io import fingerprint
 from distill.models.adapters import logits_of
 from distill.models.hooks import FeatureHooks
@@ -121,8 +121,7 @@ def teacher_identity(recipe: Recipe, teacher: nn.Module) -> str:
     from distill.lm.seqkd import model_fingerprint
 
     assert recipe.teacher is not None
-    spec = recipe.teacher.model_dump(mode="json", exclude={"cache": True, "train": {"cache"}})
-    return f"{fingerprint(spec)}-{model_fingerprint(teacher)}"
+    return f"{fingerprint(teacher_spec_identity(recipe.teacher))}-{model_fingerprint(teacher)}"
 
 
 def topk_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -272,19 +271,19 @@ def open_recipe_cache(recipe: Recipe, *, data: str, vocab: int, tokenizer: str |
     assert recipe.teacher is not None and recipe.teacher.cache is not None
     cache = TeacherCache(recipe.teacher.cache)
     cache.check(data=data, vocab=vocab, tokenizer=tokenizer)
-    if recipe.teacher.name is not None:  # a named teacher too: the cache must be that teacher's
-        spec = recipe.teacher.model_dump(mode="json", exclude={"cache": True, "train": {"cache"}})
-        if not str(cache.manifest.get("teacher", "")).startswith(fingerprint(spec) + "-"):
-            raise UserError(
-                f"teacher cache {cache.folder} was made by another teacher than the recipe's "
-                f"'{recipe.teacher.name}'; make the cache again or drop teacher.name"
-            )
+    made_by = str(cache.manifest.get("teacher", "")).split("-")[0]
+    # A named teacher too: the cache must be that teacher's.
+    if recipe.teacher.name is not None and made_by != fingerprint(teacher_spec_identity(recipe.teacher)):
+        raise UserError(
+            f"teacher cache {cache.folder} was made by another teacher than the recipe's "
+            f"'{recipe.teacher.name}'; make the cache again or drop teacher.name"
+        )
     return cache
 
 
 def cache_teacher_info(cache: TeacherCache) -> TeacherInfo:
     return TeacherInfo(
-        "cache",
+        "offline",
         int(cache.manifest.get("teacher_parameters", 0)),
         cache.manifest.get("teacher_metrics", {}),
         0.0,

@@ -36,6 +36,7 @@ from distill.experiment import (
     schedule_config,
     steps_per_epoch,
     student_trainer_settings,
+    teacher_spec_identity,
     write_teacher_cache,
 )
 from distill.io import (
@@ -91,7 +92,7 @@ def _teacher_key(recipe: Recipe, tokenizer: Any) -> str:
     assert spec is not None
     return fingerprint(
         {
-            "model": spec.model_dump(mode="json", exclude={"train": {"cache"}}),
+            "model": teacher_spec_identity(spec),
             "data": recipe.data.model_dump(mode="json"),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "format": TEACHER_FORMAT,

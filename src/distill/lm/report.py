@@ -97,14 +97,9 @@ def write_lm_report(result: ExperimentResult) -> Path:
     recipe = result.recipe
     out = result.out_dir
     plot = plot_learning_curves(result, out / "learning_curves.png")
-    teacher_line = ""
-    if result.teacher is not None and recipe.teacher is not None:
-        from distill.report import TEACHER_SOURCES
+    from distill.report import teacher_line
 
-        teacher_line = (
-            f"- Teacher: `{recipe.teacher.name}` {recipe.teacher.params}, {result.teacher.parameters:,} "
-            f"parameters, {TEACHER_SOURCES[result.teacher.source]}.\n"
-        )
+    teacher = teacher_line(result)
     generations = "".join(
         f"- {name}: teacher generations {'reused from the cache' if g['cached'] else 'made now'} "
         f"({g['seconds']:.1f} s), `{g['path']}`.\n"
@@ -113,7 +108,7 @@ def write_lm_report(result: ExperimentResult) -> Path:
     text = (
         f"# {recipe.name}\n\n{recipe.description}\n\n"
         f"- Data: {result.data.description}.\n"
-        f"{teacher_line}"
+        f"{teacher}"
         f"- Student: `{recipe.student.name}` {recipe.student.params}, {result.student_parameters:,} "
         f"trainable parameters.\n"
         f"- Seeds: {', '.join(map(str, recipe.seeds))}; every cell is mean ± standard deviation over seeds "
