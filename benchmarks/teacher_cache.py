@@ -160,15 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small LM and 2 seeds")
     parser.add_argument("--tasks", default="vision,lm")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "teacher_cache.md")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    seeds = [0, 1] if args.quick else [0, 1, 2]
+    seeds = list(range(args.seeds or (2 if args.quick else 3)))
     load_start, started = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="distill-bench-cache-") as tmp:
         sections = [run_task(task, args.quick, seeds, Path(tmp), console) for task in args.tasks.split(",")]
     total = time.perf_counter() - started
     command = "python benchmarks/teacher_cache.py" + (" --quick" if args.quick else "")
+    command += f" --tasks {args.tasks}" if args.tasks != "vision,lm" else ""
+    command += f" --seeds {args.seeds}" if args.seeds else ""
     text = (
         "# Teacher cache benchmark\n\n"
         f"Command: `{command}` ({os.cpu_count()} CPU cores); total wall time {total:.0f} s; 1-minute load "

@@ -3,6 +3,7 @@ the traceback)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -54,9 +55,10 @@ def run(
     result = run_recipe(
         loaded, out=out, resume=resume, overwrite=overwrite, progress=progress, console=console
     )
-    report = write_report(result)
-    print_table(result, console)
-    console.print(f"report: {report}")
+    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): the first one reports
+        report = write_report(result)
+        print_table(result, console)
+        console.print(f"report: {report}")
 
 
 @app.command()
@@ -127,6 +129,10 @@ bench_app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Benchmarks: suites of recipes over methods x seeds."
 )
 app.add_typer(bench_app, name="bench")
+
+from distill.onpolicy.diagnose import diagnose_app  # noqa: E402  (`distill diagnose alignment`)
+
+app.add_typer(diagnose_app, name="diagnose")
 
 
 @bench_app.command("vision")

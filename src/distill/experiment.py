@@ -20,6 +20,7 @@ import torch
 import yaml
 from rich.console import Console
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from distill.cache.indexed import IndexedDataset
 from distill.data import DataSplits, build_data
@@ -128,8 +129,25 @@ def resolve_out_dir(recipe: Recipe, *, out: Path | None, resume: bool, overwrite
     if resume and not holds_run:
         raise UserError(f"--resume: output folder {path} holds no run to continue")
     if overwrite and holds_run:
-        shutil.rmtree(path)
-    return path
+        shutil.rmtree(path)  # removes links inside, never what they point to
+    elif path.is_dir():
+        refuse_links_out(path)
+    # Absolute from here on: every artefact is written under this folder, whatever the working directory.
+    return path.resolve()
+
+
+def refuse_links_out(folder: Path) -> None:
+    """Refuse a run folder holding a symbolic link that leads outside it: writing the run's files through it
+    (checkpoints, logs, reports) would change files elsewhere."""
+    root = folder.resolve()
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            entry = Path(parent) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise UserError(
+                    f"output folder {folder}: {entry.relative_to(root)} links outside it "
+                    f"(to {entry.resolve()}); a run writes only inside its folder"
+                )
 
 
 def _load_weights(model: nn.Module, path: Path, role: str) -> None:
@@ -171,6 +189,25 @@ def _check_class_counts(model: nn.Module, data: DataSplits, role: str) -> None:
         model.train(was_training)
     if classes != data.num_classes:
         raise UserError(f"the {role} predicts {classes} classes but the data has {data.num_classes}")
+
+
+def check_labels(data: DataSplits) -> None:
+    """Refuse labels outside 0..num_classes-1 before training (a corrupt label file; cross-entropy would stop
+    at the first such batch, or trip a device-side assert on a GPU). Splits that keep their labels in one
+    tensor are checked; others are left to the loss."""
+    for split in ("train", "test", "teacher_train"):
+        dataset = getattr(data, split)
+        tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
+        labels = tensors[1] if len(tensors) > 1 else getattr(dataset, "labels", None)
+        if not isinstance(labels, torch.Tensor) or labels.numel() == 0 or labels.is_floating_point():
+            continue
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= data.num_classes:
+            bad = low if low < 0 else high
+            raise UserError(
+                f"data: the {split} split has label {bad}, outside 0..{data.num_classes - 1} "
+                f"(the data set has {data.num_classes} classes)"
+            )
 
 
 def teacher_spec_identity(spec: TeacherSpec) -> dict[str, Any]:
@@ -247,6 +284,8 @@ def read_teacher_cache(cached: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def write_teacher_cache(cached: Path, teacher: nn.Module, info: TeacherInfo, spec: TeacherSpec) -> None:
     """Weights + manifest (checksum, metrics, spec), staged under a private name and renamed into place."""
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes trained the same teacher: rank 0 stores it
+        return
     staging = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_tensors(staging / "model.safetensors", teacher.state_dict())
@@ -341,6 +380,7 @@ def run_recipe(
             raise UserError(f"--resume: {out_dir} was started from a different recipe")
 
     data = build_data(recipe.data.name, **recipe.data.params)
+    check_labels(data)
     _check_class_counts(build_recipe_model(recipe.student, data, "student"), data, "student")
     console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
 

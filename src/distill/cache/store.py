@@ -233,8 +233,13 @@ class TeacherCache:
                 raise UserError(f"teacher cache {self.folder}: shard {shard.file} is missing")
             if sha256_file(path) != shard.sha256:
                 raise UserError(f"teacher cache {self.folder}: shard {shard.file} fails its checksum")
-            with safe_open(str(path), framework="pt") as handle:
-                self._loaded[index] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    self._loaded[index] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            except Exception as err:  # safetensors raises its own error types on a forged or broken file
+                raise UserError(
+                    f"teacher cache {self.folder}: shard {shard.file} is unreadable ({err})"
+                ) from err
         return self._loaded[index]
 
     def _locate(self, sample: int) -> int:

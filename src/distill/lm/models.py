@@ -9,6 +9,7 @@ size of a config defaults to the tokenizer's (passed as `num_classes` by the rec
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ def build_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(
                 str(folder), local_files_only=True, dtype=torch_dtype or "auto"
             )
+        except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met more than tensors
+            raise UserError(
+                f"cannot load a causal LM from {folder}: its weights pickle holds more than tensors "
+                "(refused unread; save it as safetensors)"
+            ) from err
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load a causal LM from {folder} ({str(err).splitlines()[0]})") from err
     else:

@@ -145,7 +145,9 @@ def generalized_jsd(
         per_row = beta * kl_from_log_probs(log_p, log_m) + (1.0 - beta) * kl_from_log_probs(log_q, log_m)
         if normalized:
             per_row = per_row / (beta * (1.0 - beta))
-    return reduce_rows(per_row, rows, reduction)
+    # A divergence is >= 0, but rounding leaves about -1e-8 on nearly equal rows (worse at low T); a
+    # negative loss would reward the student for nothing, so the rounding error is cut off.
+    return reduce_rows(per_row.clamp_min(0.0), rows, reduction)
 
 
 def skew_forward_kl(

@@ -77,18 +77,25 @@ def _knee_sizes(sorted_probs: Tensor, min_k: int) -> Tensor:
 def _led_differences(
     lead: Tensor, follow: Tensor, k: int, sizes: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """Pairwise logit differences of both models on the leader's top entries (-inf beyond each row's k)."""
+    """Pairwise logit differences of both models on the leader's top entries (-inf beyond each row's k).
+
+    A pair with a masked (-inf) entry on either side is left out like a pair beyond k: its difference is
+    infinite or NaN (-inf - -inf). A row with no pair left compares two uniform vectors (0, no gradient)."""
     with torch.no_grad():
         top_idx = torch.topk(lead, k=k, dim=-1).indices
         valid = torch.arange(k, device=lead.device)[None, :] < sizes[:, None]
         i, j = torch.triu_indices(k, k, offset=1, device=lead.device)
-        pair_ok = valid[:, i] & valid[:, j]
-    lead_top = lead.gather(1, top_idx) / temperature
-    follow_top = follow.gather(1, top_idx) / temperature
+        finite = torch.isfinite(lead.gather(1, top_idx)) & torch.isfinite(follow.gather(1, top_idx))
+        pair_ok = valid[:, i] & valid[:, j] & finite[:, i] & finite[:, j]
+        no_pair = ~pair_ok.any(-1, keepdim=True)
+    zero = torch.zeros((), dtype=lead.dtype, device=lead.device)
+    # zeroing masked entries before differencing keeps NaN out of the forward and the backward pass
+    lead_top = torch.where(finite, lead.gather(1, top_idx), zero) / temperature
+    follow_top = torch.where(finite, follow.gather(1, top_idx), zero) / temperature
     neg_inf = torch.full((), -torch.inf, dtype=lead.dtype, device=lead.device)
     d_lead = torch.where(pair_ok, _pairwise_differences(lead_top), neg_inf)
     d_follow = torch.where(pair_ok, _pairwise_differences(follow_top), neg_inf)
-    return d_lead, d_follow
+    return torch.where(no_pair, zero, d_lead), torch.where(no_pair, zero, d_follow)
 
 
 def dbild(

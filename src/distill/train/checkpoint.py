@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +40,72 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], d
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _param_key(index: str) -> int | str:
+    """An optimizer state key: a parameter's position, or its name in a gathered (FSDP) state dict."""
+    return int(index) if index.isdigit() else index
+
+
 def unflatten_optimizer_state(tensors: dict[str, Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        state.setdefault(_param_key(index), {})[key] = tensor
     for index, values in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        state.setdefault(_param_key(index), {}).update(values)
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are sharded across processes (FSDP2 `fully_shard`: DTensors)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _raw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+
+
+def full_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Model and optimizer state dicts with whole tensors. For a sharded model this gathers the shards: a
+    collective that every process must call (rank 0 gets the tensors on the CPU, the others empty dicts);
+    its optimizer state is keyed by parameter name."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, _raw(optimizer), options=options),  # type: ignore[return-value]
+    )
+
+
+def _load_full_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor], optim: dict[str, Any]
+) -> None:
+    if not is_sharded(model):
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optim)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    # Every process read the whole file; each keeps its own shard.
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, _raw(optimizer), optim, options=options)
 
 
 def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -89,15 +148,19 @@ def save_checkpoint(
     objectives: nn.Module,
     state: dict[str, Any],
     keep: int = 2,
+    states: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
 ) -> Path:
+    """Write a checkpoint. `states`: the model and optimizer state dicts gathered beforehand by every
+    process (`full_states`, needed for a sharded model); None reads them from `model` and `optimizer`."""
+    model_state, optimizer_state = states if states is not None else full_states(model, optimizer)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     staging = root / f".step-{step:08d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        save_tensors(staging / "model.safetensors", model.state_dict())
-        opt_tensors, opt_rest = flatten_optimizer_state(optimizer.state_dict())
+        save_tensors(staging / "model.safetensors", model_state)
+        opt_tensors, opt_rest = flatten_optimizer_state(optimizer_state)
         save_tensors(staging / "optimizer.safetensors", opt_tensors)
         save_tensors(staging / "objectives.safetensors", objectives.state_dict())
         rng_tensors, rng_rest = capture_rng()
@@ -122,8 +185,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    # Only a sibling folder named like the ones we write: an edited pointer cannot lead out of the run.
+    if not re.fullmatch(r"step-\d{8}", name):
+        raise UserError(f"checkpoint pointer {pointer} names '{name[:60]}', not a checkpoint of this run")
+    path = pointer.parent / name
     return path if (path / "state.json").exists() else None
+
+
+def _tensors(path: Path) -> dict[str, Tensor]:
+    """A checkpoint's safetensors file; anything else (a pickle, a truncated file) is refused unread."""
+    try:
+        return load_tensors(path)
+    except Exception as err:  # safetensors raises several types for a file that is not its format
+        raise UserError(f"checkpoint file {path} is not a readable safetensors file ({err})") from err
 
 
 def load_checkpoint(
@@ -143,10 +218,12 @@ def load_checkpoint(
         raise UserError(f"checkpoint {path}: format {state.get('format')} is not {FORMAT_VERSION}")
     if state.get("fingerprint") != fingerprint:
         raise UserError(f"checkpoint {path} belongs to another recipe or model (fingerprint differs)")
-    model.load_state_dict(load_tensors(path / "model.safetensors"))
-    optimizer.load_state_dict(
-        unflatten_optimizer_state(load_tensors(path / "optimizer.safetensors"), state["optimizer"])
-    )
-    objectives.load_state_dict(load_tensors(path / "objectives.safetensors"))
-    restore_rng(load_tensors(path / "rng.safetensors"), state["rng"])
+    # Every file is read before anything is restored: a bad one leaves the model as it was.
+    tensors = {
+        name: _tensors(path / f"{name}.safetensors") for name in ("model", "optimizer", "objectives", "rng")
+    }
+    optim = unflatten_optimizer_state(tensors["optimizer"], state["optimizer"])
+    _load_full_states(model, optimizer, tensors["model"], optim)
+    objectives.load_state_dict(tensors["objectives"])
+    restore_rng(tensors["rng"], state["rng"])
     return Checkpoint(path, state)

@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+import torch
+import torch.distributed as dist
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -34,6 +37,18 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def agreed(self, device: torch.device | str = "cpu") -> bool:
+        """Whether any process got a signal, the same answer on every process (a collective: call it at the
+        same point on all of them). Processes see a signal at different steps; one stopping alone would
+        leave the others waiting in their next all-reduce, and maybe without the rank-0 checkpoint."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.requested
+        signum = torch.tensor(self.signum or 0, device=device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if self.signum is None and int(signum):
+            self.signum = int(signum)
+        return self.requested
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from distill.models.adapters import logits_of
 from distill.models.hooks import FeatureHooks
 from distill.objectives import Objective, StepOutputs, build_objective
 from distill.objectives import Progress as TrainProgress
-from distill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.train.checkpoint import full_states, latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from distill.train.sampler import EpochSampler
 from distill.train.seeding import seed_everything
@@ -386,18 +386,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self, state: dict[str, Any]) -> None:
-        if self.run_dir is None or not self.accelerator.is_main_process:
+        if self.run_dir is None:
+            return
+        model = self.accelerator.unwrap_model(self.student)
+        # Every process takes part: a sharded (FSDP) student's weights are gathered onto rank 0 first.
+        states = full_states(model, self.optimizer)
+        if not self.accelerator.is_main_process:
             return
         scheduler_state = self.scheduler.state_dict()
         scheduler_state.pop("lr_lambdas", None)
         save_checkpoint(
             self.run_dir,
             step=state["step"],
-            model=self.accelerator.unwrap_model(self.student),
+            model=model,
             optimizer=self.optimizer,
             objectives=self.objectives,
             state={**state, "scheduler": scheduler_state, "fingerprint": self.fingerprint},
             keep=self.config.keep_checkpoints,
+            states=states,
         )
 
     def _restore(self) -> dict[str, Any] | None:
@@ -486,7 +492,7 @@ class Trainer:
                         state["train_seconds"] += time.perf_counter() - started
                         started = time.perf_counter()
                         self._save(state)
-                    if stop.requested:
+                    if stop.agreed(self.device):
                         state["train_seconds"] += time.perf_counter() - started
                         self._stop_on_signal(state, stop)
                     if cfg.stop_after_steps is not None and state["step"] >= cfg.stop_after_steps:
@@ -528,7 +534,8 @@ class Trainer:
         given); weighting micro-batch i by n_i / N, N the rows counted in the whole window on all processes,
         makes the gradient that of the mean over every counted row of the window: accumulation 4 x batch 2
         equals 1 x batch 8, for any padding. DDP averages gradients over processes, hence the world size.
-        Returns the window's mean value per term, or None when a non-finite value made it skip the window.
+        Returns the window's mean value per term over every process (what is logged and what adaptive
+        objectives see, identical on all processes), or None when a non-finite value made it skip the window.
         """
         if self.batch_transform is not None:
             student = self.accelerator.unwrap_model(self.student)
@@ -543,21 +550,33 @@ class Trainer:
         values_sum = torch.zeros(len(self.terms))
         counted = 0
         for index, ((inputs, labels, mask), rows) in enumerate(zip(micro, counts, strict=True)):
-            if rows == 0:
+            if rows == 0 and world == 1:
                 continue
+            last = index == len(micro) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else self.accelerator.no_sync(self.student)
             outputs = self._step_outputs(inputs, labels, mask, progress, indices[index])
+            if rows == 0:  # rows count on another process: a zero backward keeps DDP's all-reduce in step
+                with sync:
+                    self.accelerator.backward(outputs.student_logits.float().nan_to_num(0, 0, 0).sum() * 0)
+                continue
             values = [objective(outputs) for objective in self.objectives]
             detached = torch.stack([v.detach().float() for v in values]).cpu()
-            if self._check_finite(detached, progress.step):  # the recipe says skip: drop the whole window
+            # With several processes the check waits for the totals below: every process must skip or stop.
+            if world == 1 and self._check_finite(detached, progress.step):  # skip: drop the whole window
                 self._optimizer_step(skip=True)
                 return None
             loss = sum(w * v for w, v in zip(weights, values, strict=True))
-            last = index == len(micro) - 1
-            sync = contextlib.nullcontext() if last or world == 1 else self.accelerator.no_sync(self.student)
             with sync:
                 self.accelerator.backward(loss * (rows * world / window_rows))
             values_sum += detached * rows
             counted += rows
+        if world > 1:
+            totals = torch.cat([values_sum, torch.tensor([float(counted)])]).to(self.device)
+            totals = self.accelerator.reduce(totals, reduction="sum").cpu()
+            values_sum, counted = totals[:-1], int(totals[-1])
+            if self._check_finite(values_sum, progress.step):  # non-finite anywhere: non-finite here
+                self._optimizer_step(skip=True)
+                return None
         self._optimizer_step(skip=counted == 0)
         return values_sum / max(1, counted)
 
