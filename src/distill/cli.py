@@ -130,6 +130,9 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
+from distill.onpolicy.diagnose import diagnose_app  # noqa: E402  (`distill diagnose alignment`)
+
+app.add_typer(diagnose_app, name="diagnose")
 
 
 @bench_app.command("vision")

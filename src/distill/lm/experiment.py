@@ -50,6 +50,7 @@ from distill.lm.models import build_causal_lm, special_token_ids
 from distill.lm.seqkd import GenerationSettings, teacher_generations, tokenizer_fingerprint
 from distill.lm.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
 from distill.models import count_parameters
+from distill.onpolicy.sources import ONPOLICY_SOURCES, SourcePlan
 from distill.recipe.schema import ModelSpec, Recipe, SourceSpec
 from distill.train import fit
 from distill.train.seeding import seed_everything
@@ -289,7 +290,14 @@ def run_lm_recipe(
     for method in recipe.method_list():
         runs = MethodRuns(method.name, [o.model_dump(mode="json") for o in method.objectives])
         source = method.source or recipe.source
-        train_set, generation = _source_data(source, data, teacher, out_dir, sources, method.name)
+        plan = None  # on-policy sources (student rollouts, OPSD, SODA, MixSD): `distill.onpolicy.sources`
+        if source.name in ONPOLICY_SOURCES:
+            plan = SourcePlan(
+                source.name, source.params, method.name, data=data, teacher=teacher, out_dir=out_dir
+            )
+            train_set, generation = plan.train_set, plan.info  # type: ignore[assignment]
+        else:
+            train_set, generation = _source_data(source, data, teacher, out_dir, sources, method.name)
         if generation:
             generations[method.name] = generation
         train_tokens = train_set.counted_tokens()
@@ -305,12 +313,14 @@ def run_lm_recipe(
             student_parameters = count_parameters(student, trainable_only=True)
             per_epoch = steps_per_epoch(len(train_set), recipe.data.batch_size, t.grad_accum)
             fit_started = time.perf_counter()
+            run = plan.start(student, seed, method_terms(method)) if plan is not None else None
             result = fit(
                 student,
-                train_set,
-                teacher=teacher,
+                run.train_set if run is not None else train_set,
+                teacher=run.teacher if run is not None else teacher,
                 teacher_cache=setup.cache,
-                objectives=method_terms(method),
+                objectives=run.terms if run is not None else method_terms(method),
+                batch_transform=run.batch_transform if run is not None else None,
                 optimizer=optimizer_config(recipe.optimizer),
                 schedule=schedule_config(recipe.schedule, per_epoch),
                 run_dir=out_dir / "methods" / method_slug(method.name) / f"seed-{seed}",
@@ -323,6 +333,8 @@ def run_lm_recipe(
             seconds = max(result.train_seconds, 1e-9)
             for row in (result.final, result.best):
                 row["tokens_per_second"] = train_tokens * t.epochs / seconds
+            if run is not None:  # the tokens actually trained on, generation and teacher costs
+                run.finish(result, t.epochs)
             runs.runs.append(SeedRun(seed, result, time.perf_counter() - fit_started))
             samples[method.name] = list(evaluator.samples)
             shown = describe_metrics(result.final) if "perplexity" in result.final else "not evaluated"

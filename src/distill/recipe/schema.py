@@ -68,10 +68,24 @@ class DataSpec(Section):
 class SourceSpec(Section):
     """Where inputs come from. `dataset`: the training split as it is. `teacher_generations` (language
     models): the teacher completes the training prompts (sequence-level KD); `params` are its sampling
-    settings (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`, `fixed_length`, `seed`)."""
+    settings (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`, `fixed_length`, `seed`).
+    On-policy sources (language models; `distill.onpolicy.sources`): `student_rollouts` (`mix`: GKD's
+    lambda, sampling settings, `length_curriculum`), `opsd`, `soda`, `mixsd`."""
 
-    name: Literal["dataset", "teacher_generations"] = "dataset"
+    name: Literal["dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd"] = "dataset"
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _onpolicy_params(self) -> SourceSpec:
+        if self.name not in ("dataset", "teacher_generations"):
+            from distill.errors import UserError
+            from distill.onpolicy.sources import check_source
+
+            try:
+                check_source(self.name, self.params)
+            except UserError as err:  # pydantic adds where in the recipe
+                raise ValueError(str(err)) from None
+        return self
 
 
 class ObjectiveSpec(Section):
