@@ -152,11 +152,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-# Bugs this sweep found in code owned elsewhere, to be fixed there (the xfail turns into a pass then).
-KNOWN_BUGS = {
-    "tsd_indirect": "NaN when top_k exceeds a row's finite (not -inf) vocabulary entries: -inf "
-    "candidates make -inf - -inf in the ListMLE suffix (distill/onpolicy/tsd.py)",
-}
+# Bugs this sweep found and that are not fixed yet (name -> what fails); each becomes an expected failure.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _objective_cases() -> list[tuple[str, dict[str, Any]]]:

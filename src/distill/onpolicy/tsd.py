@@ -72,9 +72,12 @@ def tsd_indirect(
     candidates = s.detach().topk(k, dim=-1).indices
     order = t.gather(-1, candidates).argsort(dim=-1, descending=True)
     ranked = s.gather(-1, candidates.gather(-1, order))  # student logits in the teacher's order
+    # A masked (-inf) candidate, when k exceeds a row's allowed tokens, takes no part in the ranking.
+    valid = torch.isfinite(ranked)
+    ranked = torch.where(valid, ranked, torch.full_like(ranked, float("-inf")))
     # log-softmax of each item against itself and everything ranked below it
     tail = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
-    per_position = -(ranked - tail).sum(-1)
+    per_position = -torch.where(valid, ranked - tail, torch.zeros_like(ranked)).sum(-1)
     if reduction == "sum":
         return per_position.sum()
     if reduction != "mean":
