@@ -328,6 +328,7 @@ def student_trainer_settings(recipe: Recipe, *, seed: int, progress: bool) -> di
         "eval_every": t.eval_every,
         "log_every": t.log_every,
         "nonfinite": t.nonfinite,
+        "fused_loss": t.fused_loss,
         "device": t.device,
         "seed": seed,
         "progress": progress,

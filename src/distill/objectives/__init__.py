@@ -8,6 +8,7 @@ import pkgutil
 
 from distill.objectives.base import (
     OBJECTIVES,
+    HeadInputs,
     LogitObjective,
     Objective,
     Progress,
@@ -22,6 +23,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "OBJECTIVES",
+    "HeadInputs",
     "LogitObjective",
     "Objective",
     "Progress",

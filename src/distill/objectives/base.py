@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UserError
+from distill.losses.fused_linear import fused_linear_divergence
 from distill.objectives.topk import bucketed
 from distill.registry import Registry, nearest
 
@@ -35,11 +36,23 @@ class Progress:
         return min(1.0, self.step / max(1, self.total_steps))
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """A model's output layer and what it reads: logits = hidden @ weight.T + bias, never built whole
+    (the trainer's fused path for large vocabularies; see `distill.train.fused`)."""
+
+    hidden: Tensor  # (..., H)
+    weight: Tensor  # (V, H)
+    bias: Tensor | None = None
+
+
 @dataclass
 class StepOutputs:
     """Everything one micro-batch produced that an objective may compare.
 
     `mask` is boolean over the logits' leading dimensions (True = counts); None means every row counts.
+    On the fused path (`student_head` set) `student_logits` is the model's empty (..., 0, V) output, kept only
+    so that a zero loss still reaches every parameter; objectives read `student_head` / `teacher_head`.
     """
 
     student_logits: Tensor
@@ -52,6 +65,8 @@ class StepOutputs:
     # A teacher cache's top-k targets (`distill.losses.sparse.SparseTargets`), one row per counted row in
     # mask order, in place of `teacher_logits`.
     teacher_topk: Any = None
+    student_head: HeadInputs | None = None
+    teacher_head: HeadInputs | None = None
 
 
 class Objective(nn.Module):
@@ -61,6 +76,9 @@ class Objective(nn.Module):
     needs_labels: bool = False
     # Whether the objective can learn from a teacher cache's top-k targets (`distill.objectives.topk`).
     accepts_topk: bool = False
+    # Whether the objective computes its value from `StepOutputs.student_head` / `teacher_head` (the
+    # trainer's fused large-vocabulary path) as well as from logits.
+    fused_capable: bool = False
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
 
@@ -88,6 +106,15 @@ def check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], rese
             raise UserError(f"objective '{name}' has no parameter '{key}'{suggestion}")
 
 
+@dataclass(frozen=True)
+class FusedDivergence:
+    """How a logit loss maps onto `fused_linear_divergence`: its divergence name, and whether the loss
+    multiplies the divergence by T^2 (Hinton's scaling; the fused divergences do not)."""
+
+    divergence: str
+    times_t_squared: bool = False
+
+
 class LogitObjective(Objective):
     """Wraps a pure loss `fn(student_logits, teacher_logits, *, mask, [labels], **params)`."""
 
@@ -99,6 +126,7 @@ class LogitObjective(Objective):
         *,
         needs_labels: bool,
         topk: bool = False,
+        fused: FusedDivergence | None = None,
     ) -> None:
         super().__init__()
         check_params(name, fn, params, reserved={"mask", "labels", "reduction"})
@@ -108,6 +136,14 @@ class LogitObjective(Objective):
         self.needs_labels = needs_labels
         # Logit standardisation reads raw logits, which a top-k target does not hold.
         self.accepts_topk = topk and not params.get("standardize", False)
+        # The fused kernels take the plain divergence: no standardisation, no normalised JSD.
+        self.fused = (
+            fused
+            if fused is not None
+            and not any(params.get(flag, False) for flag in ("standardize", "normalized"))
+            else None
+        )
+        self.fused_capable = self.fused is not None
         self._dry_run()
 
     @property
@@ -131,6 +167,8 @@ class LogitObjective(Objective):
             raise UserError(f"objective '{self.loss_name}' with {self.params} is not finite on a test batch")
 
     def forward(self, outputs: StepOutputs) -> Tensor:
+        if outputs.student_head is not None:
+            return self._fused_forward(outputs, outputs.student_head)
         if outputs.teacher_logits is None and outputs.teacher_topk is not None:
             if not self.accepts_topk:
                 raise UserError(
@@ -151,6 +189,38 @@ class LogitObjective(Objective):
             outputs.student_logits, outputs.teacher_logits, mask=outputs.mask, **extra, **self.params
         )
 
+    def _fused_forward(self, outputs: StepOutputs, student: HeadInputs) -> Tensor:
+        """The same value from hidden states and output layers (`fused_linear_divergence`)."""
+        if self.fused is None:
+            raise UserError(f"objective '{self.loss_name}' needs logits; the fused loss path cannot serve it")
+        if outputs.teacher_topk is not None:
+            if not self.accepts_topk:
+                raise UserError(
+                    f"objective '{self.loss_name}' needs the teacher's full logits, not a top-k cache"
+                )
+            teacher: dict[str, Any] = {"teacher_hidden": outputs.teacher_topk}
+        elif outputs.teacher_head is not None:
+            head = outputs.teacher_head
+            teacher = {
+                "teacher_hidden": head.hidden,
+                "teacher_weight": head.weight,
+                "teacher_bias": head.bias,
+            }
+        else:
+            raise UserError(f"objective '{self.loss_name}' needs the teacher, but the step has none")
+        shape = {k: self.params[k] for k in ("beta", "alpha") if k in self.params}
+        value = fused_linear_divergence(
+            student.hidden,
+            student.weight,
+            **teacher,
+            student_bias=student.bias,
+            divergence=self.fused.divergence,
+            temperature=self.temperature,
+            mask=outputs.mask,
+            **shape,
+        )
+        return value * self.temperature**2 if self.fused.times_t_squared else value
+
     def extra_repr(self) -> str:
         return f"{self.loss_name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
 
@@ -163,13 +233,15 @@ def register_logit_loss(
     summary: str,
     needs_labels: bool = False,
     topk: bool = False,
+    fused: FusedDivergence | None = None,
 ) -> None:
     """Register a pure logit loss as an objective usable from recipes and the Python API. `topk`: its value
     depends only on the two softened distributions, so it learns from a teacher cache's top-k targets through
-    the tail-bucket reduction (`distill.objectives.topk`)."""
+    the tail-bucket reduction (`distill.objectives.topk`). `fused`: the same loss as a divergence of
+    `fused_linear_divergence`, which the trainer uses for large vocabularies."""
 
     def factory(**params: Any) -> Objective:
-        return LogitObjective(name, fn, params, needs_labels=needs_labels, topk=topk)
+        return LogitObjective(name, fn, params, needs_labels=needs_labels, topk=topk, fused=fused)
 
     OBJECTIVES.add(name, factory, summary=summary, paper=paper, function=fn)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distill import losses
-from distill.objectives.base import register_logit_loss
+from distill.objectives.base import FusedDivergence, register_logit_loss
 
 _HINTON = "Distilling the Knowledge in a Neural Network (Hinton et al., 2015)"
 _DISTILLM = "DistiLLM: Towards Streamlined Distillation for Large Language Models (Ko et al., ICML 2024)"
@@ -18,6 +18,7 @@ register_logit_loss(
     paper=_HINTON,
     summary="KL(teacher || student), the true KL (no teacher-entropy offset); mean-seeking",
     topk=True,
+    fused=FusedDivergence("forward_kl"),
 )
 register_logit_loss(
     "reverse_kl",
@@ -25,6 +26,7 @@ register_logit_loss(
     paper="MiniLLM: Knowledge Distillation of Large Language Models (Gu et al., ICLR 2024)",
     summary="KL(student || teacher); mode-seeking",
     topk=True,
+    fused=FusedDivergence("reverse_kl"),
 )
 register_logit_loss(
     "hinton_kd",
@@ -32,6 +34,7 @@ register_logit_loss(
     paper=_HINTON,
     summary="KL of temperature-softened distributions times T^2",
     topk=True,
+    fused=FusedDivergence("forward_kl", times_t_squared=True),
 )
 register_logit_loss(
     "dkd",
@@ -52,6 +55,7 @@ register_logit_loss(
     paper="f-Divergence Minimization for Sequence-Level Knowledge Distillation (Wen et al., ACL 2023)",
     summary="total variation distance 1/2 sum |P - Q|",
     topk=True,
+    fused=FusedDivergence("tvd"),
 )
 register_logit_loss(
     "generalized_jsd",
@@ -62,6 +66,7 @@ register_logit_loss(
     ),
     summary="generalised JSD(beta), TRL convention (0: forward KL, 1: reverse KL); normalized is continuous",
     topk=True,
+    fused=FusedDivergence("jsd"),
 )
 register_logit_loss(
     "skew_forward_kl",
@@ -69,6 +74,7 @@ register_logit_loss(
     paper=_DISTILLM,
     summary="KL(P || alpha P + (1 - alpha) Q)",
     topk=True,
+    fused=FusedDivergence("skew_forward_kl"),
 )
 register_logit_loss(
     "skew_reverse_kl",
@@ -76,6 +82,7 @@ register_logit_loss(
     paper=_DISTILLM,
     summary="KL(Q || alpha Q + (1 - alpha) P)",
     topk=True,
+    fused=FusedDivergence("skew_reverse_kl"),
 )
 register_logit_loss(
     "kl_mixing",

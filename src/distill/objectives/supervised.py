@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import UserError
+from distill.losses.linear_cross_entropy import linear_cross_entropy
 from distill.objectives.base import OBJECTIVES, Objective, StepOutputs
 
 
@@ -18,6 +19,7 @@ class CrossEntropy(Objective):
 
     needs_teacher = False
     needs_labels = True
+    fused_capable = True
 
     def __init__(self, *, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
         super().__init__()
@@ -31,6 +33,17 @@ class CrossEntropy(Objective):
     def forward(self, outputs: StepOutputs) -> Tensor:
         if outputs.labels is None:
             raise UserError("objective 'cross_entropy' needs labels, but the data has none")
+        if outputs.student_head is not None:
+            head = outputs.student_head
+            return linear_cross_entropy(
+                head.hidden,
+                head.weight,
+                outputs.labels,
+                bias=head.bias,
+                mask=outputs.mask,
+                label_smoothing=self.label_smoothing,
+                ignore_index=self.ignore_index,
+            )
         logits = outputs.student_logits.float().flatten(0, -2)
         labels = outputs.labels.flatten()
         if outputs.mask is not None:

@@ -59,4 +59,3 @@ def bucketed(
         raise ValueError(f"{rows.shape[0]} counted rows but {targets.ids.shape[0]} cached targets")
     ids = targets.ids.to(rows.device).long()
     return student_buckets(rows, ids, temperature), teacher_buckets(targets, temperature).to(rows.device)
-

@@ -134,6 +134,11 @@ class TrainerSpec(Section):
     nonfinite: Literal["stop", "skip"] = "stop"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads; None = torch's default")
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="language models: losses from hidden states and the output layer, never the whole "
+        "logits, when every objective allows it (auto), always (on: else an error) or never (off)",
+    )
 
 
 class EvaluationSpec(Section):

@@ -31,9 +31,10 @@ from distill.io import atomic_write_json, atomic_write_text
 from distill.metrics import classification_metrics
 from distill.models.adapters import logits_of
 from distill.models.hooks import FeatureHooks
-from distill.objectives import Objective, StepOutputs, build_objective
+from distill.objectives import HeadInputs, Objective, StepOutputs, build_objective
 from distill.objectives import Progress as TrainProgress
 from distill.train.checkpoint import full_states, latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.train.fused import head_inputs, hidden_only, logits_come_from_layer, output_layer
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from distill.train.sampler import EpochSampler
 from distill.train.seeding import seed_everything
@@ -99,6 +100,9 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: bool = True
     stop_after_steps: int | None = None  # end early (tests of resume, smoke runs); None = train to the end
+    # "auto": hidden states and output layers in place of logits when the models and every objective allow
+    # it (`distill.train.fused`); "on": that or an error saying why not; "off": always the dense logits.
+    fused_loss: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -110,6 +114,7 @@ class FitResult:
     steps: int = 0
     completed: bool = True
     run_dir: Path | None = None
+    loss_path: str = "dense"  # "fused" when the step never built the logits (`distill.train.fused`)
 
 
 def _make_loader(
@@ -253,6 +258,14 @@ class Trainer:
         )
         self._teacher_eval_logits: Tensor | None = None
         self._writer: Any = None
+        # None until the first step has probed the models (`_fused_heads`); then the output layers or False.
+        self._fused: tuple[nn.Linear, nn.Linear | None] | bool | None = None
+        self.loss_path = "dense"
+        refusal = self._fused_refusal() if cfg.fused_loss != "off" else "trainer.fused_loss is 'off'"
+        if refusal is not None and cfg.fused_loss == "on":
+            raise UserError(f"trainer.fused_loss is 'on' but {refusal}")
+        if refusal is not None:
+            self._fused = False
 
     @staticmethod
     def _unique(names: list[str]) -> list[str]:
@@ -273,6 +286,66 @@ class Trainer:
         self.teacher_hooks.clear()
         return logits.clone(), features
 
+    # ---------------------------------------------------------------- the fused large-vocabulary path
+    def _needs_teacher(self) -> bool:
+        return any(o.needs_teacher for o in self.objectives)
+
+    def _fused_refusal(self) -> str | None:
+        """Why the fused path cannot serve this run, or None when it may (the first batch probes models)."""
+        dense = [n for n, o in zip(self.term_names, self.objectives, strict=True) if not o.fused_capable]
+        if dense:
+            many = len(dense) > 1
+            return f"objective{'s' * many} {', '.join(dense)} need{'s' * (not many)} the full logits"
+        if output_layer(self.accelerator.unwrap_model(self.student)) is None:
+            return "the student has no plain linear output layer (get_output_embeddings)"
+        live_teacher = self._needs_teacher() and self.teacher_cache is None
+        if live_teacher and (self.teacher is None or output_layer(self.teacher) is None):
+            return "the teacher has no plain linear output layer (get_output_embeddings)"
+        return None
+
+    def _fused_layers(self, inputs: Any) -> tuple[nn.Linear, nn.Linear | None] | None:
+        """The student's and teacher's output layers when this step takes the fused path, else None.
+
+        The first call probes each model on one sequence of `inputs`: its logits must be its output layer
+        applied to the hidden state that layer reads (`distill.train.fused.logits_come_from_layer`)."""
+        if self._fused is None:
+            student = self.accelerator.unwrap_model(self.student)
+            live_teacher = self.teacher if self._needs_teacher() and self.teacher_cache is None else None
+            models = [("student", student, output_layer(student))]
+            if live_teacher is not None:
+                models.append(("teacher", live_teacher, output_layer(live_teacher)))
+            # In eval mode: the probe is no training pass (no dropout draws, so a resumed run that probes
+            # again keeps the random stream of an uninterrupted one; pass counters skip it).
+            student.eval()
+            try:
+                failed = [
+                    role
+                    for role, model, layer in models
+                    if layer is None or not logits_come_from_layer(model, layer, inputs)
+                ]
+            finally:
+                student.train()
+            if failed:
+                reason = (
+                    f"the {' and '.join(failed)} logits are not its output layer on its last hidden state"
+                )
+                if self.config.fused_loss == "on":
+                    raise UserError(f"trainer.fused_loss is 'on' but {reason}")
+                warnings.warn(f"{reason}: the loss uses the dense logits", stacklevel=2)
+                self._fused = False
+            else:
+                layers = [layer for _, _, layer in models if layer is not None]
+                self._fused = (layers[0], layers[1] if len(layers) > 1 else None)
+                self.loss_path = "fused"
+        return self._fused or None
+
+    def _teacher_head(self, inputs: Any, layer: nn.Linear) -> HeadInputs:
+        assert self.teacher is not None and self.teacher_hooks is not None
+        with torch.inference_mode(), self.accelerator.autocast(), hidden_only(layer) as kept:
+            _call(self.teacher, inputs)
+        self.teacher_hooks.clear()
+        return head_inputs(self.teacher, layer, kept, detach=True)
+
     def _step_outputs(
         self,
         inputs: Any,
@@ -281,17 +354,28 @@ class Trainer:
         progress: TrainProgress,
         index: Tensor | None = None,
     ) -> StepOutputs:
-        teacher_logits, teacher_features, teacher_topk = None, {}, None
-        needs_teacher = any(o.needs_teacher for o in self.objectives)
+        layers = self._fused_layers(inputs) if self._fused is not False else None
+        teacher_logits, teacher_features, teacher_topk, teacher_head = None, {}, None, None
+        needs_teacher = self._needs_teacher()
         if self.teacher is not None and needs_teacher:
-            teacher_logits, teacher_features = self._teacher_forward(inputs)
+            if layers is not None and layers[1] is not None:
+                teacher_head = self._teacher_head(inputs, layers[1])
+            else:
+                teacher_logits, teacher_features = self._teacher_forward(inputs)
         elif self.teacher_cache is not None and needs_teacher:
             if index is None:
                 raise UserError("a teacher cache needs batches with sample ids (IndexedDataset)")
             rows = rows_per_sample(mask, len(index))
             teacher_topk = self.teacher_cache.targets(index.cpu(), rows)
+        student_head = None
         with self.accelerator.autocast():
-            student_logits = logits_of(_call(self.student, inputs))
+            if layers is None:
+                student_logits = logits_of(_call(self.student, inputs))
+            else:  # the logits come back empty; the losses read the output layer's input instead
+                with hidden_only(layers[0]) as kept:
+                    student_logits = logits_of(_call(self.student, inputs))
+                student = self.accelerator.unwrap_model(self.student)
+                student_head = head_inputs(student, layers[0], kept, detach=False)
         features = dict(self.student_hooks.features)
         self.student_hooks.clear()
         return StepOutputs(
@@ -303,6 +387,8 @@ class Trainer:
             teacher_features=teacher_features,
             progress=progress,
             teacher_topk=teacher_topk,
+            student_head=student_head,
+            teacher_head=teacher_head,
         )
 
     def _to_device(self, value: Any) -> Any:
@@ -641,6 +727,7 @@ class Trainer:
             steps=state["step"],
             completed=completed,
             run_dir=self.run_dir,
+            loss_path=self.loss_path,
         )
         self._write_summary(result)
         if self._writer is not None:
