@@ -127,9 +127,7 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         if name in builtin_recipes():
             return recipe_from_dict(parse_yaml(builtin_recipe_text(name), name), name)
         hint = nearest(name, builtin_recipes())
-        raise UserError(
-            f"recipe file not found: {path}" + (f" (built-in recipe '{hint}'?)" if hint else "")
-        )
+        raise UserError(f"recipe file not found: {path}" + (f" (built-in recipe '{hint}'?)" if hint else ""))
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
