@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from lm_helpers import STUDENT, TEACHER, addition_rows, bpe, write_jsonl
 
 from distill.cache import TeacherCache
 from distill.cache.build import make_cache
 from distill.errors import UserError
 from distill.experiment import run_recipe
+from distill.objectives import OBJECTIVES, Objective
 from distill.recipe import recipe_from_dict
 
 
@@ -69,3 +71,52 @@ def _train_examples(recipe: dict):
     params = dict(recipe["data"]["params"])
     params["tokenizer"] = load_tokenizer(params["tokenizer"])
     return build_data("jsonl", **params).train.examples
+
+
+SEEN: dict[str, list] = {"features": []}
+
+
+class _TeacherStates(Objective):
+    """Stands in for a feature-distillation objective: records the teacher layer output it is handed."""
+
+    teacher_layers = ("model.layers.0",)
+
+    def forward(self, outputs):
+        feature = outputs.teacher_features["model.layers.0"]
+        SEEN["features"].append(feature[outputs.mask].detach().clone())
+        return outputs.student_logits.float().sum() * 0
+
+
+@pytest.mark.slow
+def test_feature_objectives_read_cached_hidden_states_like_the_live_teachers(tmp_path):
+    if "test_teacher_states" not in OBJECTIVES:
+        OBJECTIVES.add("test_teacher_states", _TeacherStates, summary="test only", paper="-")
+    rows = addition_rows(24)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    bpe(rows).save_pretrained(str(tmp_path / "tok"))
+    teacher = {"name": "hf", "params": {"config": TEACHER}, "train": {"epochs": 1}}
+    methods = [{"name": "states", "objectives": [{"name": "test_teacher_states"}]}]
+    live = _recipe(tmp_path, teacher, "live") | {"methods": methods}
+    make_cache(recipe_from_dict(live), tmp_path / "cache", k=4, hidden=("model.layers.0",), progress=False)
+    assert TeacherCache(tmp_path / "cache").hidden == ["model.layers.0"]
+    seen = []
+    for recipe in (
+        live,
+        _recipe(tmp_path, {"cache": str(tmp_path / "cache")}, "cached") | {"methods": methods},
+    ):
+        SEEN["features"] = []
+        run_recipe(recipe_from_dict(recipe), progress=False)
+        seen.append(SEEN["features"])
+    assert len(seen[0]) == len(seen[1]) == 3  # 24 sequences, batch 8
+    for live_rows, cached_rows in zip(*seen, strict=True):  # same batches, same counted tokens
+        assert cached_rows.shape == live_rows.shape
+        assert torch.allclose(cached_rows, live_rows, rtol=2e-3, atol=2e-3)  # stored as float16
+
+    other = _recipe(tmp_path, {"cache": str(tmp_path / "cache")}, "other")
+    other["methods"] = methods
+    _TeacherStates.teacher_layers = ("model.layers.1",)
+    try:
+        with pytest.raises(UserError, match="reads teacher layer 'model.layers.1'.*--hidden model.layers.1"):
+            run_recipe(recipe_from_dict(other), progress=False)
+    finally:
+        _TeacherStates.teacher_layers = ("model.layers.0",)

@@ -208,9 +208,19 @@ class TeacherCache:
                 )
 
     def check_objectives(self, names: list[str], objectives: list[Any]) -> None:
-        """Every objective that needs a teacher must take top-k targets, at the cache's temperature."""
+        """Every objective that needs a teacher must take top-k targets at the cache's temperature, or read
+        only teacher layers the cache holds."""
         for name, objective in zip(names, objectives, strict=True):
             if not objective.needs_teacher:
+                continue
+            layers = list(getattr(objective, "teacher_layers", ()))
+            if layers:  # a feature objective: the cache must hold every layer it reads
+                missing = [layer for layer in layers if layer not in self.hidden]
+                if missing:
+                    raise UserError(
+                        f"objective '{name}' reads teacher layer '{missing[0]}', which teacher cache "
+                        f"{self.folder} does not hold; cache again with --hidden {missing[0]}"
+                    )
                 continue
             if not getattr(objective, "accepts_topk", False):
                 raise UserError(
@@ -254,12 +264,12 @@ class TeacherCache:
             raise UserError(f"teacher cache {self.folder}: no sample {sample} (it holds {len(self)})")
         return low
 
-    def targets(self, sample_ids: Tensor, rows_per_sample: Tensor | None = None) -> SparseTargets:
-        from distill.losses.sparse import SparseTargets
-
+    def _rows(self, sample_ids: Tensor, rows_per_sample: Tensor | None) -> list[tuple[int, Tensor]]:
+        """(shard, row indices) runs holding the samples' rows in batch order, each sample's row count
+        checked against what the batch counts."""
         samples = sample_ids.tolist()
         shard_of = [self._locate(sample) for sample in samples]
-        parts: list[tuple[int, Tensor]] = []  # (shard, row indices), in batch order
+        parts: list[tuple[int, Tensor]] = []
         position = 0
         while position < len(samples):  # runs of consecutive batch entries in one shard, gathered at once
             end = position
@@ -288,8 +298,33 @@ class TeacherCache:
             )
             parts.append((index, torch.repeat_interleave(starts, counts) + steps))
             position = end
-        columns = [
-            torch.cat([self._shard(index)[name][rows] for index, rows in parts])
-            for name in ("ids", "logprobs", "tail")
-        ]
-        return SparseTargets(columns[0].long(), columns[1].float(), columns[2])
+        return parts
+
+    def _gather(self, parts: list[tuple[int, Tensor]], name: str) -> Tensor:
+        return torch.cat([self._shard(index)[name][rows] for index, rows in parts])
+
+    def targets(self, sample_ids: Tensor, rows_per_sample: Tensor | None = None) -> SparseTargets:
+        """The samples' top-k targets, one row per cached row (sample or counted token), in batch order."""
+        from distill.losses.sparse import SparseTargets
+
+        parts = self._rows(sample_ids, rows_per_sample)
+        ids, logprobs, tail = (self._gather(parts, name) for name in ("ids", "logprobs", "tail"))
+        return SparseTargets(ids.long(), logprobs.float(), tail)
+
+    @property
+    def hidden(self) -> list[str]:
+        """The teacher modules whose outputs the cache holds (`distill cache --hidden`)."""
+        return list(self.manifest.get("hidden", []))
+
+    def features(
+        self, sample_ids: Tensor, layers: list[str], rows_per_sample: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The cached outputs of teacher modules `layers`, float32, one row per cached row in batch order."""
+        missing = [layer for layer in layers if layer not in self.hidden]
+        if missing:
+            raise UserError(
+                f"teacher cache {self.folder} holds no output of teacher layer '{missing[0]}' (it holds "
+                f"{', '.join(self.hidden) or 'none'}); cache again with --hidden {missing[0]}"
+            )
+        parts = self._rows(sample_ids, rows_per_sample)
+        return {layer: self._gather(parts, f"hidden.{layer}").float() for layer in layers}

@@ -251,10 +251,9 @@ class Trainer:
         self.student_hooks = FeatureHooks(
             self.student, sorted({p for o in self.objectives for p in o.student_layers})
         )
+        self.teacher_layers = sorted({p for o in self.objectives for p in o.teacher_layers})
         self.teacher_hooks = (
-            FeatureHooks(teacher, sorted({p for o in self.objectives for p in o.teacher_layers}), detach=True)
-            if teacher is not None
-            else None
+            FeatureHooks(teacher, self.teacher_layers, detach=True) if teacher is not None else None
         )
         self._teacher_eval_logits: Tensor | None = None
         self._writer: Any = None
@@ -346,6 +345,20 @@ class Trainer:
         self.teacher_hooks.clear()
         return head_inputs(self.teacher, layer, kept, detach=True)
 
+    def _cached_features(self, index: Tensor, rows: Tensor | None, mask: Tensor | None) -> dict[str, Tensor]:
+        """The teacher layers' outputs from the cache, shaped as the live teacher's: a language model's
+        counted-token rows go back to their (batch, time) places (zeros elsewhere, which the mask skips)."""
+        assert self.teacher_cache is not None
+        cached = self.teacher_cache.features(index.cpu(), self.teacher_layers, rows)
+        features = {}
+        for layer, value in cached.items():
+            if mask is not None:
+                full = value.new_zeros((*mask.shape, *value.shape[1:]))
+                full[mask.cpu()] = value
+                value = full
+            features[layer] = value.to(self.device)
+        return features
+
     def _step_outputs(
         self,
         inputs: Any,
@@ -367,6 +380,8 @@ class Trainer:
                 raise UserError("a teacher cache needs batches with sample ids (IndexedDataset)")
             rows = rows_per_sample(mask, len(index))
             teacher_topk = self.teacher_cache.targets(index.cpu(), rows)
+            if self.teacher_layers:
+                teacher_features = self._cached_features(index, rows, mask)
         student_head = None
         with self.accelerator.autocast():
             if layers is None:
