@@ -219,3 +219,14 @@ def test_tail_draws_keep_the_head_exact_and_the_tail_unbiased(k):
             torch.testing.assert_close(logprobs[:, :k].exp(), teacher.gather(-1, ids[:, :k]))
         mean += torch.zeros_like(teacher).scatter_add(-1, ids, logprobs.exp()) / trials
     torch.testing.assert_close(mean, teacher, atol=0.03, rtol=0)
+
+
+def test_language_model_caches_default_to_half_exact_half_drawn_slots():
+    from distill.cache.build import default_slots
+
+    assert default_slots("lm", 32, 1024, None) == (16, 16)
+    assert default_slots("lm", 1, 1024, None) == (1, 0)
+    assert default_slots("lm", 32, 1024, 0) == (32, 0)  # explicit: the plain tail bucket
+    assert default_slots("lm", 32, 40, 20) == (32, 8)  # no more draws than tokens outside the top-k
+    assert default_slots("lm", None, 1024, None) == (1024, 0)  # the full distribution
+    assert default_slots("classification", 8, 100, None) == (8, 0)

@@ -92,9 +92,13 @@ def cache(
         int | None, typer.Option("--top-k", help="ids kept per sample / token (default: all of them)")
     ] = None,
     tail_draws: Annotated[
-        int,
-        typer.Option("--tail-draws", help="draws from the teacher's tail kept beside the top-k (default 0)"),
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--tail-draws",
+            help="draws from the teacher's tail kept beside the top-k; default: language models split "
+            "--top-k's slots into k/2 exact ids + k/2 draws, classifiers 0",
+        ),
+    ] = None,
     hidden: Annotated[
         list[str] | None, typer.Option("--hidden", help="also store the output of this teacher module")
     ] = None,

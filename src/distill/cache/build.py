@@ -161,12 +161,25 @@ def rows_with_tail_draws(
     return torch.cat([ids, drawn], -1), torch.cat([logprobs, drawn_log], -1), none
 
 
+def default_slots(kind: str, k: int | None, vocab: int, tail_draws: int | None) -> tuple[int, int]:
+    """(exact top ids, tail draws) per row. Without `tail_draws`, a language model's k slots are split
+    into k - k // 2 exact ids and k // 2 draws from the tail: on lm_shakespeare a plain top-32 bucket
+    costs 16 % perplexity against the live teacher, top-16 + 16 draws none
+    (benchmarks/results/teacher_cache.md). Classifiers keep the plain top-k."""
+    if k is None or k >= vocab:
+        return vocab, 0
+    if tail_draws is None:
+        tail_draws = k // 2 if kind == "lm" else 0
+        k -= tail_draws
+    return k, min(tail_draws, vocab - k)
+
+
 def make_cache(
     recipe: Recipe,
     out: Path,
     *,
     k: int | None,
-    tail_draws: int = 0,
+    tail_draws: int | None = None,
     temperature: float | None = None,
     hidden: tuple[str, ...] = (),
     overwrite: bool = False,
@@ -176,9 +189,9 @@ def make_cache(
 ) -> dict[str, Any]:
     """Write (or finish) the cache of `recipe`'s teacher in `out`; returns its manifest. `k=None`: the full
     distribution (k = vocabulary size). `tail_draws=m` adds m draws from the teacher's tail to the top-k
-    (`rows_with_tail_draws`) in place of the tail bucket."""
+    (`rows_with_tail_draws`) in place of the tail bucket; None: `default_slots`."""
     console = console or Console(stderr=True)
-    if (k is not None and k < 0) or tail_draws < 0 or (k == 0 and tail_draws == 0):
+    if (k is not None and k < 0) or (tail_draws or 0) < 0 or (k == 0 and not tail_draws):
         raise UserError("--top-k and --tail-draws must be >= 0, and one of them positive")
     temperature = recipe_temperature(recipe) if temperature is None else temperature
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -187,8 +200,7 @@ def make_cache(
         source = cache_source(recipe, progress=progress, console=console, workdir=Path(workdir))
     teacher = source.teacher
     assert teacher is not None
-    k = source.vocab if k is None else min(k, source.vocab)
-    draws = min(tail_draws, source.vocab - k)
+    k, draws = default_slots(source.kind, k, source.vocab, tail_draws)
     per_sample_rows = 1 if source.kind == "classification" else None
     header = {
         "kind": source.kind,
