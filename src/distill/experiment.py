@@ -235,42 +235,69 @@ def obtain_teacher(
         }
     )
     cached = cache_root() / "teachers" / key
+    info = fit_or_load_teacher(
+        teacher,
+        recipe,
+        train_set,
+        cached,
+        out_dir,
+        progress,
+        load=lambda model, weights: _load_weights(model, weights, "teacher"),
+        eval_data=data.test,
+        eval_batch_size=recipe.data.eval_batch_size,
+    )
+    return teacher, info
+
+
+def fit_or_load_teacher(
+    teacher: nn.Module,
+    recipe: Recipe,
+    train_set: Any,
+    cached: Path,
+    out_dir: Path,
+    progress: bool,
+    *,
+    load: Callable[[nn.Module, Path], None],
+    **evaluation: Any,
+) -> TeacherInfo:
+    """Load the teacher's weights from the run cache folder `cached` (when the recipe caches and the
+    checksum holds) or train it with cross-entropy and cache it. `evaluation`: `fit` settings for its
+    evaluation (an evaluation set, or a language model's evaluator)."""
+    spec: TeacherSpec = recipe.teacher  # type: ignore[assignment]
     hit = read_teacher_cache(cached) if spec.train.cache else None
     if hit is not None:
         weights, manifest = hit
-        _load_weights(teacher, weights, "teacher")
-        return teacher, TeacherInfo(
+        load(teacher, weights)
+        return TeacherInfo(
             "cache",
             count_parameters(teacher),
             manifest["metrics"],
             manifest["train_seconds"],
-            manifest["history"],
+            manifest.get("history", []),
         )
-
     batch = recipe.data.batch_size
     result = fit(
         teacher,
         train_set,
-        eval_data=data.test,
         objectives=["cross_entropy"],
         optimizer=optimizer_config(spec.train.optimizer),
-        schedule=schedule_config(spec.train.schedule, steps_per_epoch(len(train_set), batch, 1)),  # type: ignore[arg-type]
+        schedule=schedule_config(spec.train.schedule, steps_per_epoch(len(train_set), batch, 1)),
         run_dir=out_dir / "teacher",
         epochs=spec.train.epochs,
         batch_size=batch,
-        eval_batch_size=recipe.data.eval_batch_size,
         seed=spec.train.seed,
         progress=progress,
         tensorboard=False,
         device=recipe.trainer.device,
         label="teacher",
+        **evaluation,
     )
     info = TeacherInfo(
         "trained", count_parameters(teacher), result.final, result.train_seconds, result.history
     )
     if spec.train.cache:
         write_teacher_cache(cached, teacher, info, spec)
-    return teacher, info
+    return info
 
 
 def read_teacher_cache(cached: Path) -> tuple[Path, dict[str, Any]] | None:

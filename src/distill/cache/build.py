@@ -21,10 +21,12 @@ from distill.cache.store import CacheWriter, TeacherCache
 from distill.errors import UserError
 from distill.experiment import TeacherInfo, teacher_spec_identity
 from distill.io import fingerprint
+from distill.losses.sparse import LOG_TINY, topk_targets
 from distill.models.adapters import logits_of
 from distill.models.hooks import FeatureHooks
 from distill.objectives import build_objective
 from distill.recipe.schema import Recipe
+from distill.train.trainer import split_batch
 
 DEFAULT_SHARD_ROWS = 1 << 16  # rows (samples or tokens) per shard, about k * 6 * 64k bytes
 
@@ -125,12 +127,12 @@ def teacher_identity(recipe: Recipe, teacher: nn.Module) -> str:
 
 
 def topk_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k ids and log-probabilities at `temperature`, and the log of the mass outside them."""
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logprobs, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
-    kept = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
-    tail = torch.log(-torch.expm1(kept))  # -inf when the top-k holds everything
-    return ids, logprobs, tail
+    """Top-k ids and log-probabilities at `temperature`, and the log of the mass outside them (-inf when the
+    top-k holds all of it): `distill.losses.sparse.topk_targets`, with the cache's -inf for an empty tail."""
+    targets = topk_targets(logits.float(), min(k, logits.shape[-1]), temperature)
+    empty = targets.tail_logmass <= LOG_TINY
+    tail = targets.tail_logmass.masked_fill(empty, float("-inf"))
+    return targets.ids, targets.logprobs, tail
 
 
 def rows_with_tail_draws(
@@ -240,7 +242,7 @@ def make_cache(
     with bar, torch.inference_mode():
         task = bar.add_task("cache", total=len(source.train), completed=start)  # type: ignore[arg-type]
         for batch in loader:
-            inputs, mask = _inputs_and_mask(batch)
+            inputs, _, mask = split_batch(batch)
             logits = logits_of(teacher(**inputs) if isinstance(inputs, dict) else teacher(inputs))
             rows = logits[mask] if mask is not None else logits
             if draws:
@@ -269,13 +271,6 @@ def _mean_rows(dataset: Dataset) -> int:
     if not examples:
         return 1
     return max(1, sum(e.counted for e in examples) // len(examples))
-
-
-def _inputs_and_mask(batch: Any) -> tuple[Any, Tensor | None]:
-    if isinstance(batch, dict):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        return inputs, batch.get("mask")
-    return batch[0], None
 
 
 def open_recipe_cache(recipe: Recipe, *, data: str, vocab: int, tokenizer: str | None = None) -> TeacherCache:

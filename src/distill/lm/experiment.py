@@ -28,16 +28,15 @@ from distill.experiment import (
     TeacherInfo,
     _load_weights,
     cache_root,
+    fit_or_load_teacher,
     method_slug,
     method_terms,
     optimizer_config,
-    read_teacher_cache,
     resolve_out_dir,
     schedule_config,
     steps_per_epoch,
     student_trainer_settings,
     teacher_spec_identity,
-    write_teacher_cache,
 )
 from distill.io import (
     atomic_write_text,
@@ -116,38 +115,17 @@ def obtain_lm_teacher(
     teacher = build_lm_model(spec, tokenizer, "teacher", for_training=True)
     key = _teacher_key(recipe, tokenizer)
     cached = cache_root() / "lm-teachers" / key
-    info: TeacherInfo | None = None
-    hit = read_teacher_cache(cached) if spec.train.cache else None
-    if hit is not None:
-        weights, manifest = hit
-        teacher.load_state_dict(load_tensors(weights), strict=False)
-        info = TeacherInfo(
-            "cache", count_parameters(teacher), manifest["metrics"], manifest["train_seconds"], []
-        )
-    if info is None:
-        batch = recipe.data.batch_size
-        result = fit(
-            teacher,
-            data.train,
-            objectives=["cross_entropy"],
-            optimizer=optimizer_config(spec.train.optimizer),
-            schedule=schedule_config(spec.train.schedule, steps_per_epoch(len(data.train), batch, 1)),
-            run_dir=out_dir / "teacher",
-            epochs=spec.train.epochs,
-            batch_size=batch,
-            eval_every=spec.train.epochs,
-            seed=spec.train.seed,
-            progress=progress,
-            tensorboard=False,
-            device=recipe.trainer.device,
-            label="teacher",
-            evaluator=evaluator,
-        )
-        info = TeacherInfo(
-            "trained", count_parameters(teacher), result.final, result.train_seconds, result.history
-        )
-        if spec.train.cache:
-            write_teacher_cache(cached, teacher, info, spec)
+    info = fit_or_load_teacher(
+        teacher,
+        recipe,
+        data.train,
+        cached,
+        out_dir,
+        progress,
+        load=lambda model, weights: model.load_state_dict(load_tensors(weights), strict=False),
+        eval_every=spec.train.epochs,
+        evaluator=evaluator,
+    )
     dtype = spec.params.get("dtype")
     if dtype is not None:
         teacher = teacher.to({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32))

@@ -11,9 +11,9 @@ a coarse-graining, so by the data-processing inequality every f-divergence (KL e
 at most its full-vocabulary value, equal when the student spreads its tail like the teacher; the gradient
 matches the tail's total mass but not its shape. At k = vocabulary size it is exact.
 
-The reduction hands the loss function bucket "logits" that reproduce P and Q after its own division by T:
-teacher T * log P (already normalised), student z_i on the k ids and T * logsumexp_{j not in top-k}(z_j / T)
-for the tail. Objectives whose value depends only on the two softened distributions take it (forward and
+The reduction (`distill.losses.sparse.bucket_log_probs`, shared with the fused loss) hands the loss
+function bucket "logits" T * log P and T * log Q, which reproduce P and Q after its own division by T.
+Objectives whose value depends only on the two softened distributions take it (forward and
 reverse KL, Hinton KD, JSD, TVD, skew KLs); objectives that read raw logits or classes (DKD, DIST, logit
 standardisation, ranking, optimal transport, TAID, AdaKD) or add a student-entropy term (KL mixing's bonus
 would see the buckets' entropy) refuse a cache.
@@ -21,41 +21,16 @@ would see the buckets' entropy) refuse a cache.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from distill.losses.sparse import SparseTargets
-
-
-def student_buckets(student_logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    """(N, k + 1) bucket logits of the student: its logits on `ids` (N, k), then the tail bucket."""
-    z = student_logits.float()
-    scaled = z / temperature
-    lse_all = torch.logsumexp(scaled, dim=-1)
-    top = z.gather(-1, ids)
-    lse_top = torch.logsumexp(top / temperature, dim=-1)
-    # log(1 - exp(lse_top - lse_all)); the clamp keeps it finite (and its gradient defined) when the top-k
-    # holds all the mass.
-    gap = (lse_top - lse_all).clamp(max=-1e-12)
-    tail = lse_all + torch.log(-torch.expm1(gap))
-    return torch.cat([top, (temperature * tail)[:, None]], dim=-1)
-
-
-def teacher_buckets(targets: SparseTargets, temperature: float) -> Tensor:
-    """(N, k + 1) bucket logits of the teacher: T times its log-probabilities and tail log-mass."""
-    log_p = torch.cat([targets.logprobs.float(), targets.tail_logmass.float()[:, None]], dim=-1)
-    return temperature * log_p
+from distill.losses.sparse import SparseTargets, bucket_log_probs
 
 
 def bucketed(
     student_logits: Tensor, mask: Tensor | None, targets: SparseTargets, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """Student and teacher bucket logits over the counted rows (the rows `targets` holds, in mask order)."""
-    rows = student_logits[mask] if mask is not None else student_logits.reshape(-1, student_logits.shape[-1])
-    if rows.shape[0] != targets.ids.shape[0]:
-        raise ValueError(f"{rows.shape[0]} counted rows but {targets.ids.shape[0]} cached targets")
-    ids = targets.ids.to(rows.device).long()
-    return student_buckets(rows, ids, temperature), teacher_buckets(targets, temperature).to(rows.device)
+    """Student and teacher bucket logits over the counted rows (the rows `targets` holds, in mask order):
+    T times the k + 1 bucket log-masses of `distill.losses.sparse.bucket_log_probs`, so that a loss that
+    divides by T sees exactly those distributions."""
+    student, teacher = bucket_log_probs(student_logits, targets, temperature=temperature, mask=mask)
+    return temperature * student, temperature * teacher

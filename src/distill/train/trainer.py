@@ -148,7 +148,7 @@ def _make_loader(
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
-def _split_batch(batch: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+def split_batch(batch: Any) -> tuple[Any, Tensor | None, Tensor | None]:
     """(inputs, labels, mask) from a tuple `(x, y)` / `(x, y, mask)` or a dict with those keys.
 
     A dict with `input_ids` (and no `inputs`) is a language-model batch: its model inputs (`input_ids`,
@@ -419,7 +419,7 @@ class Trainer:
         model.eval()
         logits, labels = [], []
         for batch in self.eval_loader:
-            inputs, y, _ = _split_batch(batch)
+            inputs, y, _ = split_batch(batch)
             with self.accelerator.autocast():
                 logits.append(logits_of(_call(model, self._to_device(inputs))).float().cpu())
             labels.append(y)
@@ -641,7 +641,7 @@ class Trainer:
         if self.batch_transform is not None:
             student = self.accelerator.unwrap_model(self.student)
             window = [self.batch_transform(self._to_device(batch), student, progress) for batch in window]
-        micro = [tuple(self._to_device(v) for v in _split_batch(batch)) for batch in window]
+        micro = [tuple(self._to_device(v) for v in split_batch(batch)) for batch in window]
         indices = [batch.get("index") if isinstance(batch, dict) else None for batch in window]
         counts = [self._counted_rows(inputs, mask) for inputs, _, mask in micro]
         window_rows = torch.tensor(float(sum(counts)), device=self.device)
