@@ -1,9 +1,9 @@
-"""One training run of a tiny deterministic classifier, for tests/test_distributed.py.
+"""One training run of a tiny deterministic classifier (--lm: causal LM), for tests/test_distributed.py.
 
 Run it plainly (one process) or under `python -m torch.distributed.run --nproc_per_node 2` (gloo on CPU):
 
     distributed_script.py RUN_DIR REPORT_PREFIX BATCH_SIZE [--resume] [--stop-after N] [--epochs N]
-                          [--step-seconds S]
+                          [--step-seconds S] [--lm auto|on|off]
 
 Every process writes REPORT_PREFIX.rank<R>.json: how the student and the teacher were wrapped, whether the
 teacher holds gradients, and every file operation the process made inside RUN_DIR (recorded with an audit
@@ -70,6 +70,30 @@ def data(n: int, seed: int) -> TensorDataset:
 def mlp(seed: int, hidden: int) -> nn.Module:
     torch.manual_seed(seed)  # no dropout, no batch norm: the model is a deterministic function of its weights
     return nn.Sequential(nn.Linear(12, hidden), nn.Tanh(), nn.Linear(hidden, 4))
+
+
+def lm_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Token sequences with shifted labels; half of them count no token, so that some micro-batches of a
+    process count none (the fused path's zero backward through empty logits)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, 10), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((n, 1), -100)], dim=1)
+    labels[n // 2 :] = -100
+    return [
+        {"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y, "mask": y != -100}
+        for i, y in zip(ids, labels, strict=True)
+    ]
+
+
+def llama(seed: int, hidden: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
 
 
 def shard(model: nn.Module) -> None:
@@ -145,6 +169,7 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=0.0, help="slow each step (signal tests)")
     parser.add_argument("--shard-teacher", action="store_true", help="FSDP2 (fully_shard) on the teacher")
     parser.add_argument("--fsdp-checkpoint", action="store_true", help="checkpoint a sharded student")
+    parser.add_argument("--lm", choices=["auto", "on", "off"], help="tiny Llama models, this fused_loss")
     args = parser.parse_args()
     if args.fsdp_checkpoint:
         fsdp_checkpoint(args.run_dir, args.report)
@@ -160,14 +185,14 @@ def main() -> None:
         time.sleep(args.step_seconds)
         return batch
 
-    teacher = mlp(1, 32)
+    teacher = llama(1, 32) if args.lm else mlp(1, 32)
     if args.shard_teacher:
         shard(teacher)
     trainer = Trainer(
-        mlp(2, 16),
-        data(64, seed=0),  # 64 = 8 steps of 8 per epoch, as 2 x 4
+        llama(2, 16) if args.lm else mlp(2, 16),
+        lm_data(64, seed=0) if args.lm else data(64, seed=0),  # 64 = 8 steps of 8 per epoch, as 2 x 4
         teacher=teacher,
-        eval_data=data(40, seed=1),
+        eval_data=None if args.lm else data(40, seed=1),
         objectives=[("cross_entropy", 0.5), ("hinton_kd", 0.5, {"temperature": 2.0})],
         batch_transform=slow if args.step_seconds else None,
         optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9),
@@ -182,6 +207,7 @@ def main() -> None:
             tensorboard=False,
             seed=3,
             stop_after_steps=args.stop_after,
+            fused_loss=args.lm or "auto",
         ),
         run_dir=args.run_dir,
         fingerprint="distributed-test",
@@ -201,6 +227,7 @@ def main() -> None:
         "teacher_grads": sum(p.grad is not None for p in teacher.parameters()),
         "teacher_trainable": sum(p.requires_grad for p in teacher.parameters()),
         "writes": writes,
+        "loss_path": trainer.loss_path,
     }
     if "stopped" not in report:
         report |= {"steps": result.steps, "completed": result.completed, "final": result.final}

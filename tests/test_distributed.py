@@ -117,6 +117,22 @@ def test_two_processes_follow_the_single_process_curve(single: Path, double: tup
     assert metrics(ranks[0]) == metrics(ranks[1])  # every process ends with the same result
 
 
+def test_fused_lm_path_on_two_processes_follows_one_process_and_the_dense_path(tmp_path: Path) -> None:
+    """Tiny Llama models, CE + Hinton KD on the fused path: the models run through DDP's wrapper with their
+    output layer fed zero positions, and micro-batches that count no token back-propagate through the
+    empty logits; 2 x 2 follows 1 x 4, which follows the dense logits path."""
+    curves = {}
+    for name, processes, batch, mode in (("one", 1, 4, "on"), ("two", 2, 2, "on"), ("dense", 1, 4, "off")):
+        found = launch(
+            tmp_path / name, tmp_path / f"{name}-report", batch, "--lm", mode, "--epochs", "2",
+            processes=processes,
+        )  # fmt: skip
+        assert {r["loss_path"] for r in found} == {"dense" if mode == "off" else "fused"}
+        curves[name] = losses(tmp_path / name)
+    assert_curves_match(curves["two"], curves["one"], 1e-5)
+    assert_curves_match(curves["dense"], curves["one"], 1e-5)
+
+
 def test_teacher_is_not_wrapped_and_holds_no_gradients(double: tuple[Path, list]) -> None:
     for report in double[1]:
         assert report["student_wrapper"] == "DistributedDataParallel"
