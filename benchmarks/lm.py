@@ -38,6 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # The default runs are the packaged recipes `lm_shakespeare` and `lm_arithmetic`; `--quick` shrinks models,
 # data and epochs with these overrides (merged key by key into the recipe).
 TASKS = {"shakespeare": "lm_shakespeare", "arithmetic": "lm_arithmetic"}
+QUICK_STUDENT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 64,
+}
 QUICK: dict[str, dict[str, Any]] = {
     "shakespeare": {
         "data": {
@@ -61,18 +68,7 @@ QUICK: dict[str, dict[str, Any]] = {
             },
             "train": {"epochs": 4},
         },
-        "student": {
-            "params": {
-                "config": {
-                    "hidden_size": 32,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "num_key_value_heads": 1,
-                    "intermediate_size": 64,
-                    "max_position_embeddings": 64,
-                }
-            }
-        },
+        "student": {"params": {"config": QUICK_STUDENT | {"max_position_embeddings": 64}}},
         "trainer": {"epochs": 2},
     },
     "arithmetic": {
@@ -81,17 +77,7 @@ QUICK: dict[str, dict[str, Any]] = {
             "params": {"config": {"hidden_size": 96, "num_hidden_layers": 2, "intermediate_size": 192}},
             "train": {"epochs": 6},
         },
-        "student": {
-            "params": {
-                "config": {
-                    "hidden_size": 32,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "num_key_value_heads": 1,
-                    "intermediate_size": 64,
-                }
-            }
-        },
+        "student": {"params": {"config": QUICK_STUDENT}},
         "trainer": {"epochs": 3},
     },
 }
