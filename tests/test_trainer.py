@@ -239,3 +239,16 @@ def test_accumulation_normalises_by_counted_rows_across_the_window() -> None:
         )
         grads.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
+def test_runs_of_different_mixed_precision_share_one_process(digits) -> None:
+    """A recipe trains its teacher in float32, then students in bf16, in one process (Accelerate alone
+    refuses a second Accelerator with another mixed-precision setting)."""
+    settings = SETTINGS | {"epochs": 1, "grad_accum": 1}
+    teacher = _teacher(digits)
+    fit(teacher, digits.train, objectives=["cross_entropy"], mixed_precision="no", **settings)
+    result = fit(
+        _student(digits), digits.train, teacher=teacher, objectives=KD, mixed_precision="bf16", **settings
+    )
+    assert math.isfinite(result.final["train_loss"])
+    fit(_student(digits), digits.train, objectives=["cross_entropy"], mixed_precision="no", **settings)

@@ -54,8 +54,9 @@ def test_student_trains_from_a_top_k_cache_without_the_teacher(tmp_path):
     result = run_recipe(
         recipe_from_dict(_recipe(tmp_path, {"cache": str(tmp_path / "cache")}, "cached")), progress=False
     )
-    final = result.methods[0].runs[0].result.final
-    assert final["perplexity"] > 1 and "teacher_kl" not in final  # no live teacher to compare with
+    fitted = result.methods[0].runs[0].result
+    assert fitted.final["perplexity"] > 1 and "teacher_kl" not in fitted.final  # no live teacher to compare
+    assert fitted.loss_path == "fused"  # the cached top-k rows go straight into the fused loss
 
     write_jsonl(tmp_path / "train.jsonl", addition_rows(64, seed=1))  # other data, same tokenizer
     with pytest.raises(UserError, match="made for another data"):

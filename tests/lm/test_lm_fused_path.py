@@ -201,3 +201,19 @@ def test_a_model_whose_logits_are_not_its_output_layer_fails_the_probe() -> None
     assert any("teacher logits are not its output layer" in str(w.message) for w in caught)
     with pytest.raises(UserError, match="fused_loss is 'on' but the teacher logits are not"):
         _train(student, capped, data, [("forward_kl", 1.0)], fused_loss="on")
+
+
+def test_fused_path_under_bf16_autocast_trains_like_the_dense_path() -> None:
+    data, teacher, student = _fixture()
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    results = {}
+    for mode in ("off", "auto"):
+        student.load_state_dict(start)
+        results[mode] = _train(
+            student, teacher, data, [("forward_kl", 1.0), ("cross_entropy", 0.5)],
+            mixed_precision="bf16", fused_loss=mode,
+        )  # fmt: skip
+    assert results["auto"].loss_path == "fused"
+    fused, dense = results["auto"].final["train_loss"], results["off"].final["train_loss"]
+    # the dense path rounds its logits to bf16 under autocast; the fused one multiplies in float32
+    assert fused == pytest.approx(dense, rel=2e-2)

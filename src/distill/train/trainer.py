@@ -163,6 +163,17 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None, Tensor | None]:
     return batch, None, None
 
 
+def _allow_mixed_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one mixed-precision setting per process and refuses an Accelerator with another; a
+    run trains its teacher in float32 and may then train students in bf16, so the per-process accelerator
+    state (not the process group) is dropped when the setting changes."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
 class Trainer:
     def __init__(
         self,
@@ -204,6 +215,7 @@ class Trainer:
         device = cfg.device
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("trainer.device is 'cuda' but no CUDA device is available")
+        _allow_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
 
