@@ -42,3 +42,30 @@ def bpe(rows: list[dict[str, str]] | None = None, vocab_size: int = 280):
     from distill.lm.tokenizers import train_bpe
 
     return train_bpe(corpus_texts(rows or addition_rows(200)), vocab_size=vocab_size)
+
+
+def lm_fixture(extra_teacher_rows: int = 0, teacher_dtype=None):
+    """Eight prompt / completion pairs (one much longer, to force padding), a tiny teacher and student.
+    `extra_teacher_rows`: that many padding rows more in the teacher's vocabulary (cut to the tokenizer's)."""
+    import torch
+
+    from distill.lm.data import build_lm_data
+    from distill.lm.models import build_causal_lm, special_token_ids
+    from distill.lm.tokenizers import slice_logits
+
+    tokenizer = bpe()
+    rows = addition_rows(8, seed=3)
+    rows[2]["completion"] += " and a much longer tail to force padding"
+    data = build_lm_data(rows, rows[:1], tokenizer=tokenizer, max_length=64)
+    special = special_token_ids(tokenizer)
+    torch.manual_seed(0)
+    teacher = build_causal_lm(
+        config=TEACHER, vocab_size=len(tokenizer) + extra_teacher_rows, special_tokens=special
+    )
+    if teacher_dtype is not None:
+        teacher.to(teacher_dtype)
+    if extra_teacher_rows:
+        slice_logits(teacher, len(tokenizer))
+    torch.manual_seed(1)
+    student = build_causal_lm(config=STUDENT, vocab_size=len(tokenizer), special_tokens=special)
+    return data, teacher, student

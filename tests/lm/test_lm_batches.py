@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lm_helpers import STUDENT, TEACHER, addition_rows, bpe
+from lm_helpers import STUDENT, addition_rows, bpe, lm_fixture
 
 from distill.lm.data import Example, LMDataset, build_lm_data, chat_example, collate
 from distill.lm.models import build_causal_lm, special_token_ids
@@ -71,21 +71,8 @@ def test_plain_text_is_packed_into_full_blocks() -> None:
     assert all(len(e.ids) == 32 and all(e.targets) for e in data.train.examples)
 
 
-def _lm_fixture():
-    tokenizer = bpe()
-    rows = addition_rows(8, seed=3)
-    rows[2]["completion"] += " and a much longer tail to force padding"
-    data = build_lm_data(rows, rows[:1], tokenizer=tokenizer, max_length=64)
-    special = special_token_ids(tokenizer)
-    torch.manual_seed(0)
-    teacher = build_causal_lm(config=TEACHER, vocab_size=len(tokenizer), special_tokens=special)
-    torch.manual_seed(1)
-    student = build_causal_lm(config=STUDENT, vocab_size=len(tokenizer), special_tokens=special)
-    return data, teacher, student
-
-
 def test_accumulation_4x2_equals_1x8_with_padding() -> None:
-    data, teacher, student = _lm_fixture()
+    data, teacher, student = lm_fixture()
     assert len(data.train) == 8 and len({len(e.ids) for e in data.train.examples}) > 2
     lengths = [e.counted for e in data.train.examples]
     assert max(lengths) > 2 * min(lengths)  # uneven counted tokens: a per-micro-batch mean would be wrong
@@ -114,7 +101,7 @@ def test_accumulation_4x2_equals_1x8_with_padding() -> None:
 
 
 def test_token_level_objectives_run_on_masked_token_logits() -> None:
-    data, teacher, student = _lm_fixture()
+    data, teacher, student = lm_fixture()
     batch = collate(data.train.examples, data.train.pad_id)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
@@ -130,6 +117,6 @@ def test_token_level_objectives_run_on_masked_token_logits() -> None:
 
 
 def test_lm_dataset_is_a_torch_dataset_with_its_collation() -> None:
-    data, _, _ = _lm_fixture()
+    data, _, _ = lm_fixture()
     assert isinstance(data.train, LMDataset)
     assert data.train.collate_fn([data.train[0]])["input_ids"].shape[0] == 1

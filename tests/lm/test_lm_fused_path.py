@@ -6,12 +6,10 @@ import warnings
 
 import pytest
 import torch
-from lm_helpers import STUDENT, TEACHER, addition_rows, bpe
+from lm_helpers import lm_fixture
 
 from distill.errors import UserError
-from distill.lm.data import build_lm_data, collate
-from distill.lm.models import build_causal_lm, special_token_ids
-from distill.lm.tokenizers import slice_logits
+from distill.lm.data import collate
 from distill.losses.sparse import topk_targets
 from distill.objectives import StepOutputs, build_objective
 from distill.train import OptimizerConfig, ScheduleConfig, fit
@@ -29,25 +27,6 @@ FUSED_OBJECTIVES = [
     ("cross_entropy", {}),
     ("cross_entropy", {"label_smoothing": 0.1}),
 ]
-
-
-def _fixture(extra_teacher_rows: int = 0, teacher_dtype: torch.dtype | None = None):
-    tokenizer = bpe()
-    rows = addition_rows(8, seed=3)
-    rows[2]["completion"] += " and a much longer tail to force padding"
-    data = build_lm_data(rows, rows[:1], tokenizer=tokenizer, max_length=64)
-    special = special_token_ids(tokenizer)
-    torch.manual_seed(0)
-    teacher = build_causal_lm(
-        config=TEACHER, vocab_size=len(tokenizer) + extra_teacher_rows, special_tokens=special
-    )
-    if teacher_dtype is not None:
-        teacher.to(teacher_dtype)
-    torch.manual_seed(1)
-    student = build_causal_lm(config=STUDENT, vocab_size=len(tokenizer), special_tokens=special)
-    if extra_teacher_rows:
-        slice_logits(teacher, len(tokenizer))
-    return data, teacher, student
 
 
 def _batch(data):
@@ -96,7 +75,7 @@ def _dense_and_fused(objective, teacher, student, inputs, batch, teacher_topk=No
 
 @pytest.mark.parametrize(("name", "params"), FUSED_OBJECTIVES, ids=lambda v: str(v))
 def test_fused_objective_equals_dense_value_and_gradients(name, params) -> None:
-    data, teacher, student = _fixture()
+    data, teacher, student = lm_fixture()
     inputs, batch = _batch(data)
     objective = build_objective(name, params)
     assert objective.fused_capable
@@ -108,7 +87,7 @@ def test_fused_objective_equals_dense_value_and_gradients(name, params) -> None:
 
 
 def test_fused_objective_with_padding_only_vocabulary_rows_and_bf16_teacher() -> None:
-    data, teacher, student = _fixture(extra_teacher_rows=8, teacher_dtype=torch.bfloat16)
+    data, teacher, student = lm_fixture(extra_teacher_rows=8, teacher_dtype=torch.bfloat16)
     inputs, batch = _batch(data)
     objective = build_objective("generalized_jsd", {"beta": 0.5})
     (dense, dense_grads), (fused, fused_grads) = _dense_and_fused(objective, teacher, student, inputs, batch)
@@ -119,7 +98,7 @@ def test_fused_objective_with_padding_only_vocabulary_rows_and_bf16_teacher() ->
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "generalized_jsd", "total_variation"])
 def test_fused_objective_on_cached_topk_targets_equals_the_dense_bucket_path(name) -> None:
-    data, teacher, student = _fixture()
+    data, teacher, student = lm_fixture()
     inputs, batch = _batch(data)
     with torch.no_grad():
         counted = teacher(**inputs).logits[batch["mask"]]
@@ -150,7 +129,7 @@ def _train(student, teacher, data, objectives, **settings):
 
 
 def test_training_on_the_fused_path_equals_the_dense_path() -> None:
-    data, teacher, student = _fixture()
+    data, teacher, student = lm_fixture()
     start = {k: v.clone() for k, v in student.state_dict().items()}
     objectives = [("forward_kl", 1.0), ("cross_entropy", 0.5)]
     results, weights = {}, {}
@@ -165,7 +144,7 @@ def test_training_on_the_fused_path_equals_the_dense_path() -> None:
 
 
 def test_objectives_that_need_logits_keep_the_dense_path_and_on_says_why() -> None:
-    data, teacher, student = _fixture()
+    data, teacher, student = lm_fixture()
     result = _train(student, teacher, data, [("taid", 1.0)])
     assert result.loss_path == "dense"
     with pytest.raises(UserError, match="fused_loss is 'on' but objective taid needs the full logits"):
@@ -189,7 +168,7 @@ class _SoftCapped(torch.nn.Module):
 
 
 def test_a_model_whose_logits_are_not_its_output_layer_fails_the_probe() -> None:
-    data, teacher, student = _fixture()
+    data, teacher, student = lm_fixture()
     inputs, _ = _batch(data)
     capped = _SoftCapped(teacher)
     assert logits_come_from_layer(teacher, output_layer(teacher), inputs)
@@ -204,7 +183,7 @@ def test_a_model_whose_logits_are_not_its_output_layer_fails_the_probe() -> None
 
 
 def test_fused_path_under_bf16_autocast_trains_like_the_dense_path() -> None:
-    data, teacher, student = _fixture()
+    data, teacher, student = lm_fixture()
     start = {k: v.clone() for k, v in student.state_dict().items()}
     results = {}
     for mode in ("off", "auto"):
