@@ -7,8 +7,8 @@ losses multiply it into the layer chunk by chunk. The logits never exist whole: 
 dense path needs several float32 (tokens x vocabulary) copies.
 
 A model qualifies when `get_output_embeddings()` (Hugging Face causal LMs, PEFT-wrapped ones) is a plain
-`nn.Linear` and a probe on one sequence confirms that the model's logits are exactly that layer applied to
-that hidden state: a model that post-processes its logits (Gemma 2's soft-capping, Cohere's logit scale)
+`nn.Linear` and a probe on one sequence confirms that the model's logits are exactly that layer's output: a
+model that post-processes its logits (Cohere's logit scale; Gemma 2's soft-capping, refused by its config)
 fails the probe and keeps the dense path. FSDP-sharded output layers keep the dense path too.
 """
 

@@ -169,9 +169,11 @@ def _allow_mixed_precision(mixed_precision: str) -> None:
     state (not the process group) is dropped when the setting changes."""
     from accelerate.state import AcceleratorState
 
-    shared = AcceleratorState._shared_state
-    if shared and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
-        AcceleratorState._reset_state()
+    # Private Accelerate API (stable since 0.2x); without it the Accelerator's own error stands.
+    shared = getattr(AcceleratorState, "_shared_state", None)
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if shared and reset and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        reset()
 
 
 class Trainer:
@@ -269,7 +271,7 @@ class Trainer:
         )
         self._teacher_eval_logits: Tensor | None = None
         self._writer: Any = None
-        # None until the first step has probed the models (`_fused_heads`); then the output layers or False.
+        # None until the first step has probed the models (`_fused_layers`); then the output layers or False.
         self._fused: tuple[nn.Linear, nn.Linear | None] | bool | None = None
         self.loss_path = "dense"
         refusal = self._fused_refusal() if cfg.fused_loss != "off" else "trainer.fused_loss is 'off'"
@@ -317,8 +319,8 @@ class Trainer:
     def _fused_layers(self, inputs: Any) -> tuple[nn.Linear, nn.Linear | None] | None:
         """The student's and teacher's output layers when this step takes the fused path, else None.
 
-        The first call probes each model on one sequence of `inputs`: its logits must be its output layer
-        applied to the hidden state that layer reads (`distill.train.fused.logits_come_from_layer`)."""
+        The first call probes each model on one sequence of `inputs`: its logits must be its output layer's
+        output, unchanged (`distill.train.fused.logits_come_from_layer`)."""
         if self._fused is None:
             student = self.accelerator.unwrap_model(self.student)
             live_teacher = self.teacher if self._needs_teacher() and self.teacher_cache is None else None
@@ -338,7 +340,7 @@ class Trainer:
                 student.train()
             if failed:
                 reason = (
-                    f"the {' and '.join(failed)} logits are not its output layer on its last hidden state"
+                    f"the {' and '.join(failed)} logits are not its output layer's output (post-processed)"
                 )
                 if self.config.fused_loss == "on":
                     raise UserError(f"trainer.fused_loss is 'on' but {reason}")
