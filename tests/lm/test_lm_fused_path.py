@@ -196,3 +196,24 @@ def test_fused_path_under_bf16_autocast_trains_like_the_dense_path() -> None:
     fused, dense = results["auto"].final["train_loss"], results["off"].final["train_loss"]
     # the dense path rounds its logits to bf16 under autocast; the fused one multiplies in float32
     assert fused == pytest.approx(dense, rel=2e-2)
+
+
+@pytest.mark.slow
+def test_step_benchmark_quick_mode_measures_both_paths_with_equal_losses(tmp_path) -> None:
+    """`benchmarks/lm_fused_step.py --quick`: every cell ran in its own process, on the path it names, and
+    the dense and fused first-step losses agree."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_fused_step.py"
+    spec = importlib.util.spec_from_file_location("bench_fused_step", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "step.md"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 4096 |")]
+    assert len(rows) == 2 * len(bench.OBJECTIVES)
+    for dense, fused in zip(rows[::2], rows[1::2], strict=True):
+        assert "(dense)" in dense[2] and "(fused)" in fused[2]
+        assert float(fused[6]) == pytest.approx(float(dense[6]), rel=1e-5)  # first-step loss
