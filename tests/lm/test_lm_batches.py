@@ -120,3 +120,12 @@ def test_lm_dataset_is_a_torch_dataset_with_its_collation() -> None:
     data, _, _ = lm_fixture()
     assert isinstance(data.train, LMDataset)
     assert data.train.collate_fn([data.train[0]])["input_ids"].shape[0] == 1
+
+
+def test_evaluation_batches_shrink_to_keep_large_vocabulary_logits_bounded() -> None:
+    from distill.lm.evaluate import EVAL_LOGITS_BUDGET, logits_batch_size
+
+    assert logits_batch_size(32, 128, 1024) == 32  # small vocabularies keep the requested batch
+    assert logits_batch_size(32, 512, 131072) == 1  # 1 GB of logits per sequence: one at a time
+    batch = logits_batch_size(32, 512, 32768)
+    assert 1 < batch < 32 and batch * 16 * 512 * 32768 <= EVAL_LOGITS_BUDGET

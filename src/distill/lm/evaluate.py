@@ -14,6 +14,16 @@ from torch.utils.data import DataLoader
 from distill.lm.data import LMData, reference_answer
 from distill.lm.seqkd import generate
 
+# Bytes of float32 logits one evaluation batch may hold: the student's and the teacher's, and a log-softmax
+# of each. At a 128k vocabulary and 512 tokens one sequence is already 1 GB of them.
+EVAL_LOGITS_BUDGET = 1 << 30
+
+
+def logits_batch_size(requested: int, sequence_length: int, vocab: int) -> int:
+    """Sequences per evaluation batch: `requested`, fewer when their logits would exceed the budget."""
+    per_sequence = 4 * 4 * max(1, sequence_length) * max(1, vocab)
+    return max(1, min(requested, EVAL_LOGITS_BUDGET // per_sequence))
+
 
 class LMEvaluator:
     """`evaluator(student, teacher) -> metrics`, for `fit(..., evaluator=...)`.
@@ -21,7 +31,8 @@ class LMEvaluator:
     Metrics: `loss` (mean cross-entropy in nats per counted token), `perplexity` (exp of it), `accuracy`
     (next-token top-1 accuracy), with a teacher `teacher_kl` and `agreement`, and `exact_match` (fraction of
     the first `exact_match_examples` test prompts whose greedy completion gives the reference answer) when
-    the data has answers. `samples` holds the last few greedy generations."""
+    the data has answers. `samples` holds the last few greedy generations. Batches of the per-token metrics
+    shrink below `batch_size` when their logits would pass `EVAL_LOGITS_BUDGET` (large vocabularies)."""
 
     def __init__(
         self,
@@ -32,8 +43,14 @@ class LMEvaluator:
         samples: int = 3,
     ) -> None:
         self.data = data
-        self.loader = DataLoader(data.test, batch_size=batch_size, collate_fn=data.test.collate_fn)  # type: ignore[attr-defined]
-        self.batch_size = batch_size
+        longest = max((len(e.ids) for e in data.test.examples), default=1)  # type: ignore[attr-defined]
+        self.logits_batch_size = logits_batch_size(batch_size, longest, data.num_classes)
+        self.loader = DataLoader(
+            data.test,
+            batch_size=self.logits_batch_size,
+            collate_fn=data.test.collate_fn,  # type: ignore[attr-defined]
+        )
+        self.batch_size = batch_size  # generation keeps the requested size: it holds one position's logits
         self.exact_match_examples = exact_match_examples
         self.n_samples = samples
         self.samples: list[dict[str, str]] = []
