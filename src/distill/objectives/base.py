@@ -167,13 +167,13 @@ class LogitObjective(Objective):
             raise UserError(f"objective '{self.loss_name}' with {self.params} is not finite on a test batch")
 
     def forward(self, outputs: StepOutputs) -> Tensor:
+        if outputs.teacher_topk is not None and not self.accepts_topk:
+            raise UserError(
+                f"objective '{self.loss_name}' needs the teacher's full logits, not a top-k cache"
+            )
         if outputs.student_head is not None:
             return self._fused_forward(outputs, outputs.student_head)
         if outputs.teacher_logits is None and outputs.teacher_topk is not None:
-            if not self.accepts_topk:
-                raise UserError(
-                    f"objective '{self.loss_name}' needs the teacher's full logits, not a top-k cache"
-                )
             student, teacher = bucketed(
                 outputs.student_logits, outputs.mask, outputs.teacher_topk, self.temperature
             )
@@ -194,10 +194,6 @@ class LogitObjective(Objective):
         if self.fused is None:
             raise UserError(f"objective '{self.loss_name}' needs logits; the fused loss path cannot serve it")
         if outputs.teacher_topk is not None:
-            if not self.accepts_topk:
-                raise UserError(
-                    f"objective '{self.loss_name}' needs the teacher's full logits, not a top-k cache"
-                )
             teacher: dict[str, Any] = {"teacher_hidden": outputs.teacher_topk}
         elif outputs.teacher_head is not None:
             head = outputs.teacher_head
