@@ -236,7 +236,12 @@ def main() -> None:
     # active exception").
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    sys.exit(int(report.get("exit_code", 0)))  # type: ignore[call-overload]
+    # Nor is the DDP reducer's teardown safe: it can join gloo's work thread while that thread waits for the
+    # GIL to release a finished all-reduce's tensors (a deadlock seen once in the --lm run). The report is
+    # written; leave without running destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(report.get("exit_code", 0)))  # type: ignore[call-overload]
 
 
 if __name__ == "__main__":
