@@ -58,7 +58,14 @@ def earlier_run(folder: Path, recipe_file: Path, setup: str) -> None:
 
 
 def snapshot(folder: Path) -> dict[Path, bytes | None]:
-    return {p.relative_to(folder): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+    """Every file's bytes, but distill's bookkeeping of a run folder it resumes (its manifest and lock, which
+    an earlier run from before manifests gains when resumed)."""
+    bookkeeping = {".distill-run.json", ".distill-run.lock"}
+    return {
+        p.relative_to(folder): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+        if p.name not in bookkeeping
+    }
 
 
 @pytest.fixture

@@ -257,6 +257,7 @@ def test_a_link_out_of_the_run_folder_is_refused(
     out = tmp_path / "run"
     out.mkdir()
     (out / "methods").symlink_to(elsewhere, target_is_directory=True)  # an earlier run's folder, tampered
+    (out / ".distill-run.json").write_text('{"format": 1, "written": ["methods"]}')
     code, err = cli(monkeypatch, capsys, tmp_path / "r.yaml", recipe(str(out)), "--resume")
     assert_one_line(code, err, "links outside it")
     assert snapshot(elsewhere) == {"precious.txt": b"keep me"}

@@ -35,11 +35,10 @@ from distill.io import (
 )
 from distill.metrics import latency_per_batch
 from distill.models import build_model, count_parameters
-from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, ScheduleSpec, TeacherSpec
+from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, ScheduleSpec, TeacherSpec, method_slug
+from distill.runfolder import RunFolder, recipe_inputs
 from distill.train import FitResult, OptimizerConfig, ScheduleConfig, Term, fit
 from distill.train.seeding import seed_everything
-
-RUN_MARKERS = ("recipe.yaml", "metrics.json", "report.md", "methods", "teacher")
 
 
 def cache_root() -> Path:
@@ -110,30 +109,24 @@ def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(batches / grad_accum)
 
 
-def resolve_out_dir(recipe: Recipe, *, out: Path | None, resume: bool, overwrite: bool) -> Path:
-    """The run folder; an earlier run in it is refused unless resuming or overwriting."""
-    explicit = out or recipe.output.dir
+def open_run_folder(recipe: Recipe, *, out: Path | None, resume: bool, overwrite: bool) -> RunFolder:
+    """The run folder; an earlier run in it is refused unless resuming or overwriting (which removes only
+    what distill's manifest lists, never the recipe or its inputs: `distill.runfolder`)."""
+    explicit = out if out is not None else recipe.output.dir
     if explicit is None:
         if resume:
             raise UserError("--resume needs the run folder: give --out DIR or output.dir in the recipe")
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / recipe.name / stamp
-    path = Path(explicit)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output folder {path} is a file")
-    holds_run = path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
-    if holds_run and not (resume or overwrite):
-        raise UserError(
-            f"output folder {path} holds an earlier run; pass --resume to continue it or --overwrite"
-        )
-    if resume and not holds_run:
-        raise UserError(f"--resume: output folder {path} holds no run to continue")
-    if overwrite and holds_run:
-        shutil.rmtree(path)  # removes links inside, never what they point to
-    elif path.is_dir():
-        refuse_links_out(path)
+        explicit = Path("runs") / recipe.name / stamp
+    protected = list(recipe_inputs(recipe.model_dump(mode="json")))
+    if recipe.source_file is not None:
+        protected.append(recipe.source_file)
+    folder = RunFolder(Path(explicit), protected).open(resume=resume, overwrite=overwrite)
+    if folder.path.is_dir():
+        refuse_links_out(folder.path)
     # Absolute from here on: every artefact is written under this folder, whatever the working directory.
-    return path.resolve()
+    folder.path = folder.path.resolve()
+    return folder
 
 
 def refuse_links_out(folder: Path) -> None:
@@ -216,7 +209,7 @@ def teacher_spec_identity(spec: TeacherSpec) -> dict[str, Any]:
 
 
 def obtain_teacher(
-    recipe: Recipe, data: DataSplits, out_dir: Path, progress: bool
+    recipe: Recipe, data: DataSplits, folder: RunFolder, progress: bool
 ) -> tuple[nn.Module, TeacherInfo]:
     """The teacher from its checkpoint, from the run cache, or trained now (and cached)."""
     spec: TeacherSpec = recipe.teacher  # type: ignore[assignment]
@@ -240,7 +233,7 @@ def obtain_teacher(
         recipe,
         train_set,
         cached,
-        out_dir,
+        folder,
         progress,
         load=lambda model, weights: _load_weights(model, weights, "teacher"),
         eval_data=data.test,
@@ -254,7 +247,7 @@ def fit_or_load_teacher(
     recipe: Recipe,
     train_set: Any,
     cached: Path,
-    out_dir: Path,
+    folder: RunFolder,
     progress: bool,
     *,
     load: Callable[[nn.Module, Path], None],
@@ -276,13 +269,14 @@ def fit_or_load_teacher(
             manifest.get("history", []),
         )
     batch = recipe.data.batch_size
+    folder.claim()  # the teacher's checkpoints go into the run folder
     result = fit(
         teacher,
         train_set,
         objectives=["cross_entropy"],
         optimizer=optimizer_config(spec.train.optimizer),
         schedule=schedule_config(spec.train.schedule, steps_per_epoch(len(train_set), batch, 1)),
-        run_dir=out_dir / "teacher",
+        run_dir=folder.path / "teacher",
         epochs=spec.train.epochs,
         batch_size=batch,
         seed=spec.train.seed,
@@ -328,10 +322,6 @@ def write_teacher_cache(cached: Path, teacher: nn.Module, info: TeacherInfo, spe
     )
     shutil.rmtree(cached, ignore_errors=True)
     os.replace(staging, cached)
-
-
-def method_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "method"
 
 
 def method_terms(method: MethodSpec) -> list[Term]:
@@ -391,7 +381,23 @@ def run_recipe(
     started = time.perf_counter()
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
-    out_dir = resolve_out_dir(recipe, out=out, resume=resume, overwrite=overwrite)
+    folder = open_run_folder(recipe, out=out, resume=resume, overwrite=overwrite)
+    try:
+        return _run_classification(recipe, folder, resume, progress, console, teacher_wrapper, started)
+    finally:
+        folder.release()
+
+
+def _run_classification(
+    recipe: Recipe,
+    folder: RunFolder,
+    resume: bool,
+    progress: bool,
+    console: Console,
+    teacher_wrapper: Callable[[nn.Module], nn.Module] | None,
+    started: float,
+) -> ExperimentResult:
+    out_dir = folder.path
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     recipe_key = fingerprint(recipe.model_dump(mode="json", exclude={"output"}))
     if resume:
@@ -425,13 +431,13 @@ def run_recipe(
         cache = open_recipe_cache(recipe, data=dataset_fingerprint(data.train), vocab=data.num_classes)
         teacher_info = cache_teacher_info(cache)
     elif recipe.teacher is not None:
-        teacher, teacher_info = obtain_teacher(recipe, data, out_dir, progress)
+        teacher, teacher_info = obtain_teacher(recipe, data, folder, progress)
     train_set = data.train if cache is None else IndexedDataset(data.train)
     bare_teacher = teacher
     if teacher is not None and teacher_wrapper is not None:
         teacher = teacher_wrapper(teacher)
     # Only now, with data, student and teacher known to fit, does the run folder appear.
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.claim()
     atomic_write_text(out_dir / "recipe.yaml", recipe_text)
     if teacher_info is not None:
         accuracy = teacher_info.metrics.get("accuracy")

@@ -159,7 +159,9 @@ logit_rows = st.integers(min_value=1, max_value=4).flatmap(
     lambda n: st.lists(
         # A 1/64 grid: distinct logits stay distinct after a shift, so ranking losses (dbild, pld) see the
         # same order; values a rounding error apart would tie after the shift and flip their top-k.
-        st.lists(st.integers(-512, 512).map(lambda i: i / 64), min_size=5, max_size=5), min_size=n, max_size=n
+        st.lists(st.integers(-512, 512).map(lambda i: i / 64), min_size=5, max_size=5),
+        min_size=n,
+        max_size=n,
     )
 )
 

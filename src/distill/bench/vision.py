@@ -25,13 +25,14 @@ from rich.console import Console
 from distill.bench.memo import MemoizedTeacher
 from distill.bench.methods import Setting, method_spec, select_methods, skipped_objectives
 from distill.errors import UserError
-from distill.experiment import RUN_MARKERS, ExperimentResult, MethodRuns, run_recipe
+from distill.experiment import ExperimentResult, MethodRuns, run_recipe
 from distill.io import atomic_write_json, atomic_write_text
 from distill.recipe.check import check_recipe
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
 from distill.report import mean_std, rich_table, write_report
+from distill.runfolder import holds_run
 
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": ("bench_vision_quick_digits", "bench_vision_quick_mnist"),
@@ -133,10 +134,6 @@ class BenchResult:
     wall_seconds: float
 
 
-def _holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
-
-
 def _default_out(suite: str) -> Path:
     return Path("runs") / f"bench-vision-{suite}" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -162,7 +159,7 @@ def run_vision_bench(
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output folder {out_dir} is a file")
     earlier = [f for f in RESULT_FILES if (out_dir / f).exists()] + [
-        r.name for r, _ in recipes if _holds_run(out_dir / r.name)
+        r.name for r, _ in recipes if holds_run(out_dir / r.name)
     ]
     if earlier and not resume:
         raise UserError(
@@ -177,7 +174,7 @@ def run_vision_bench(
         experiment = run_recipe(
             recipe,
             out=folder,
-            resume=resume and _holds_run(folder),
+            resume=resume and holds_run(folder),
             progress=progress,
             console=console,
             teacher_wrapper=wrapper,

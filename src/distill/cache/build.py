@@ -101,10 +101,11 @@ def cache_source(recipe: Recipe, *, progress: bool, console: Console, workdir: P
         )
     from distill.data import build_data
     from distill.experiment import obtain_teacher
+    from distill.runfolder import RunFolder
 
     data = build_data(recipe.data.name, **recipe.data.params)
     refuse_augmented(data.train)
-    teacher, info = obtain_teacher(recipe, data, workdir, progress)
+    teacher, info = obtain_teacher(recipe, data, RunFolder(workdir), progress)
     return CacheSource(
         data.train, teacher, info, "classification", data.num_classes, dataset_fingerprint(data.train), None
     )

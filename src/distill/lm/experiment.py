@@ -29,10 +29,9 @@ from distill.experiment import (
     _load_weights,
     cache_root,
     fit_or_load_teacher,
-    method_slug,
     method_terms,
+    open_run_folder,
     optimizer_config,
-    resolve_out_dir,
     schedule_config,
     steps_per_epoch,
     student_trainer_settings,
@@ -50,7 +49,8 @@ from distill.lm.seqkd import GenerationSettings, teacher_generations, tokenizer_
 from distill.lm.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
 from distill.models import count_parameters
 from distill.onpolicy.sources import ONPOLICY_SOURCES, SourcePlan
-from distill.recipe.schema import ModelSpec, Recipe, SourceSpec
+from distill.recipe.schema import ModelSpec, Recipe, SourceSpec, method_slug
+from distill.runfolder import RunFolder
 from distill.train import fit
 from distill.train.seeding import seed_everything
 
@@ -101,7 +101,7 @@ def _teacher_key(recipe: Recipe, tokenizer: Any) -> str:
 
 
 def obtain_lm_teacher(
-    recipe: Recipe, data: LMData, out_dir: Path, progress: bool, evaluator: LMEvaluator
+    recipe: Recipe, data: LMData, folder: RunFolder, progress: bool, evaluator: LMEvaluator
 ) -> tuple[nn.Module, TeacherInfo]:
     """A folder's or checkpoint's teacher as it is; a config's teacher trained with cross-entropy on the
     training split (cached by content in `$DISTILL_CACHE/lm-teachers`)."""
@@ -120,7 +120,7 @@ def obtain_lm_teacher(
         recipe,
         data.train,
         cached,
-        out_dir,
+        folder,
         progress,
         load=lambda model, weights: model.load_state_dict(load_tensors(weights), strict=False),
         eval_every=spec.train.epochs,
@@ -176,8 +176,11 @@ class LMSetup:
     cache: TeacherCache | None = None  # the recipe's teacher cache, standing in for `teacher`
 
 
-def prepare_lm_run(recipe: Recipe, out_dir: Path, *, progress: bool, console: Console) -> LMSetup:
-    """Tokenizer -> data -> vocabulary checks -> the frozen teacher (loaded, cached or trained)."""
+def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, console: Console) -> LMSetup:
+    """Tokenizer -> data -> vocabulary checks -> the frozen teacher (loaded, cached or trained). `folder`: the
+    run folder (claimed before a teacher trains into it) or, for `distill cache`, a scratch folder."""
+    run_folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    out_dir = run_folder.path
     student_tokenizer = _model_tokenizer(recipe.student)
     teacher_tokenizer = _model_tokenizer(recipe.teacher)
     params = dict(recipe.data.params)
@@ -218,7 +221,7 @@ def prepare_lm_run(recipe: Recipe, out_dir: Path, *, progress: bool, console: Co
         )
         return LMSetup(data, tokenizer, None, cache_teacher_info(cache), vocabulary, evaluator, cache)
     if recipe.teacher is not None:
-        teacher, teacher_info = obtain_lm_teacher(recipe, data, out_dir, progress, evaluator)
+        teacher, teacher_info = obtain_lm_teacher(recipe, data, run_folder, progress, evaluator)
     if from_folder:
         vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, teacher, probe)
     if teacher is not None:
@@ -245,14 +248,24 @@ def run_lm_recipe(
     started = time.perf_counter()
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
-    out_dir = resolve_out_dir(recipe, out=out, resume=resume, overwrite=overwrite)
+    folder = open_run_folder(recipe, out=out, resume=resume, overwrite=overwrite)
+    try:
+        return _run_lm(recipe, folder, resume, progress, console, started)
+    finally:
+        folder.release()
+
+
+def _run_lm(
+    recipe: Recipe, folder: RunFolder, resume: bool, progress: bool, console: Console, started: float
+) -> ExperimentResult:
+    out_dir = folder.path
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     recipe_key = fingerprint(recipe.model_dump(mode="json", exclude={"output"}))
 
-    setup = prepare_lm_run(recipe, out_dir, progress=progress, console=console)
+    setup = prepare_lm_run(recipe, folder, progress=progress, console=console)
     data, tokenizer, teacher, teacher_info = setup.data, setup.tokenizer, setup.teacher, setup.teacher_info
     vocabulary, evaluator, t = setup.vocabulary, setup.evaluator, recipe.trainer
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.claim()
     atomic_write_text(out_dir / "recipe.yaml", recipe_text)
     if teacher_info is not None:
         console.print(

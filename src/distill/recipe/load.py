@@ -132,4 +132,6 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read recipe {path}: {err}") from err
-    return recipe_from_dict(parse_yaml(text, str(path)), str(path))
+    recipe = recipe_from_dict(parse_yaml(text, str(path)), str(path))
+    recipe._source_file = path
+    return recipe

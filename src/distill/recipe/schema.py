@@ -15,9 +15,15 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
+
+
+def method_slug(name: str) -> str:
+    """The folder name of a method's runs (`methods/<slug>/seed-N`)."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "method"
 
 
 class Section(BaseModel):
@@ -168,6 +174,11 @@ class Recipe(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    _source_file: Path | None = PrivateAttr(default=None)  # the YAML file it was read from, if any
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source_file
 
     @field_validator("seeds")
     @classmethod
@@ -186,6 +197,14 @@ class Recipe(Section):
             names = [m.name for m in self.methods]
             if len(set(names)) != len(names):
                 raise ValueError("method names must be distinct")
+            folders: dict[str, str] = {}
+            for name in names:
+                other = folders.setdefault(method_slug(name), name)
+                if other != name:
+                    raise ValueError(
+                        f"methods '{other}' and '{name}' would share the folder methods/{method_slug(name)}; "
+                        "rename one"
+                    )
         return self
 
     def method_list(self) -> list[MethodSpec]:
