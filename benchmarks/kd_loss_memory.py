@@ -16,6 +16,10 @@ top of its inputs and their gradients. Seconds are the median forward + backward
     python benchmarks/kd_loss_memory.py --big      # also N=8192, V=131072, H=1024: ours only
     python benchmarks/kd_loss_memory.py --quick    # a small size, for a smoke test
 
+The full run is `--big` with every implementation: it writes benchmarks/results/kd_loss_memory.md. --quick
+writes kd_loss_memory_quick.md; a run without --big or with a subset of --impls kd_loss_memory_partial.md,
+never over the full run's file.
+
 A dense implementation is not started when the memory it is predicted to need (bytes per logit measured at
 the smaller size, times N V) would not fit in the memory available; the table then says so.
 """
@@ -34,7 +38,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "kd_loss_memory.md"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import command_line, out_help, output_file  # noqa: E402  (the results-file rule)
+
 IMPLS = ("ours", "dense_ref", "trl_dense", "trl_chunked", "liger", "matmul_floor")
 PEERS = ("trl_dense", "trl_chunked", "liger")
 DENSE = ("dense_ref", "trl_dense")
@@ -278,11 +284,6 @@ HEADERS = [
 ]
 
 
-def markdown(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-
-
 def machine() -> str:
     import torch
 
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS)
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=out_help("kd_loss_memory"))
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
     args = parser.parse_args(argv)
     if args.one:
@@ -332,10 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from distill.tables import markdown_table
+
     console = Console()
     impls = [i for i in args.impls.split(",") if i]
+    partial = not args.big or set(impls) != set(IMPLS)
+    out_file = output_file(parser, "kd_loss_memory", args.out, quick=args.quick, partial=partial)
     sizes = [(512, 8192, 256)] if args.quick else list(SIZES)
-    command = "python benchmarks/kd_loss_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("kd_loss_memory", argv)
     load_before = load_average()
     started = time.time()
     sections = []
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "differentiated). The loss column agrees to float32 rounding.\n",
     ]
     for (n, vocab, hidden), rows, checks in sections:
-        out.append(f"\n## N={n}, V={vocab}, H={hidden}\n\n" + markdown(HEADERS, rows))
+        out.append(f"\n## N={n}, V={vocab}, H={hidden}\n\n" + markdown_table(HEADERS, rows))
         notes = []
         if "mem_ratio_vs_liger" in checks:
             notes.append(f"memory / Liger = {checks['mem_ratio_vs_liger']:.3f} (goal <= 0.2)")
@@ -436,9 +441,9 @@ def main(argv: list[str] | None = None) -> int:
             out.append("\nGoals: " + "; ".join(notes) + ".\n")
     out.append(big_section)
     text = "\n".join(out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    console.print(f"wrote {args.out}")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(text)
+    console.print(f"wrote {out_file}")
     return 0
 
 

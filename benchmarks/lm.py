@@ -11,8 +11,11 @@ sequence-level KD (CE on the teacher's completions). Every row trains on the sam
 (same sequences, same epochs; the teacher's completions have the length of the originals). Cells are
 mean ± std over seeds at the last epoch.
 
-    python benchmarks/lm.py            # the default run (3 seeds)
+    python benchmarks/lm.py            # the default run (3 seeds) -> benchmarks/results/lm.md
     python benchmarks/lm.py --quick    # CI: smaller models and data, 2 seeds, under 3 minutes on 2 cores
+                                       # -> benchmarks/results/lm_quick.md (never over lm.md)
+
+A subset of --tasks or another number of --seeds writes lm_partial.md (`benchmarks/_results.py`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from typing import Any
 from rich.console import Console
 
 from distill.experiment import run_recipe
-from distill.lm.report import headers, summary_rows
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
 from distill.recipe.schema import Recipe
-from distill.report import markdown_table
+from distill.tables import markdown_table
+from distill.tasks.causal_lm_report import headers, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
 
 # The default runs are the packaged recipes `lm_shakespeare` and `lm_arithmetic`; `--quick` shrinks models,
 # data and epochs with these overrides (merged key by key into the recipe).
@@ -106,13 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models and data, 2 seeds (CI)")
     parser.add_argument("--tasks", default="shakespeare,arithmetic")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lm.md")
+    parser.add_argument("--out", type=Path, default=None, help=out_help("lm"))
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
-    command = "python benchmarks/lm.py" + (" --quick" if args.quick else "")
-    if args.tasks != "shakespeare,arithmetic":
-        command += f" --tasks {args.tasks}"
+    seeds, out = seeds_and_file(parser, args, "lm", args.tasks, TASKS)
+    command = command_line("lm", argv)
     sections = []
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
@@ -159,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         "train tok/s counts the counted training tokens per second of training (teacher forward "
         "included).\n\n" + "\n".join(sections)
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    console.print(f"wrote {args.out} in {total:.0f} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    console.print(f"wrote {out} in {total:.0f} s")
     return 0
 
 

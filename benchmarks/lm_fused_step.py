@@ -3,7 +3,7 @@
 The recipe's training step as `distill.train.fit` runs it: Llama-style teacher (H=512, 2 layers) and student
 (H=256, 2 layers), 4 sequences x 512 tokens per step, forward KL alone and with 0.5 cross-entropy, SGD.
 `trainer.fused_loss` "off" builds the (tokens x vocabulary) logits of both models; "auto" (the default)
-takes the fused path (`distill.train.fused`: hidden states and output layers into
+takes the fused path (`distill.heads`: hidden states and output layers into
 `fused_linear_divergence` and `linear_cross_entropy`).
 
 Each cell runs in a fresh process under GNU `time -v`. The process builds the models, the data and the
@@ -12,8 +12,8 @@ RSS minus it, i.e. what the training steps need (gradients, activations, loss). 
 set size is reported beside the process's own count. Seconds are the median step time after one warm-up
 step. The first step's loss of the two paths must agree (the tests hold them together exactly).
 
-    python benchmarks/lm_fused_step.py            # V = 32768 and 131072
-    python benchmarks/lm_fused_step.py --quick    # V = 4096, a smoke test
+    python benchmarks/lm_fused_step.py            # V = 32768 and 131072 -> results/lm_fused_step.md
+    python benchmarks/lm_fused_step.py --quick    # V = 4096, a smoke test -> results/lm_fused_step_quick.md
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "lm_fused_step.md"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import command_line, out_help, output_file  # noqa: E402  (the results-file rule)
+
 VOCABS = (32768, 131072)
 QUICK_VOCABS = (4096,)
 BATCH, TOKENS, STEPS = 4, 512, 4  # STEPS includes the warm-up step
@@ -51,7 +53,7 @@ def _maxrss_mb() -> float:
 def _model(vocab: int, shape: dict, seed: int):  # noqa: ANN202 (torch is imported in the child)
     import torch
 
-    from distill.lm.models import build_causal_lm
+    from distill.models.causal_lm import build_causal_lm
 
     torch.manual_seed(seed)
     config = {"model_type": "llama", "num_hidden_layers": 2, "max_position_embeddings": TOKENS, **shape}
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="one small vocabulary, short sequences")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=out_help("lm_fused_step"))
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     parser.add_argument(
         "--child", nargs=4, metavar=("MODE", "LOSS", "VOCAB", "TOKENS"), help=argparse.SUPPRESS
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         mode, loss, vocab, tokens = args.child
         print(json.dumps(run_cell(mode, loss, int(vocab), int(tokens))))
         return 0
+    out = output_file(parser, "lm_fused_step", args.out, quick=args.quick, partial=False)
     vocabs = QUICK_VOCABS if args.quick else VOCABS
     tokens = 64 if args.quick else TOKENS
     load_start = os.getloadavg()[0]
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in PATHS:
                 results[(mode, loss, vocab)] = measure(mode, loss, vocab, tokens, args.timeout)
                 print(f"V={vocab} {loss} {mode}: {results[(mode, loss, vocab)]}", file=sys.stderr)
-    command = "python benchmarks/lm_fused_step.py" + (" --quick" if args.quick else "")
+    command = command_line("lm_fused_step", argv)
     text = (
         "# Causal-LM distillation step: dense logits vs the fused path\n\n"
         f"Command: `{command}`; {os.cpu_count()} CPU cores; {time.perf_counter() - started:.0f} s; "
@@ -196,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{STEPS - 1} steps after a warm-up step. Peak over baseline: peak RSS minus the RSS once models, "
         "data and trainer are built.\n\n" + table(results, vocabs) + "\n"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
     return 0
 

@@ -21,6 +21,9 @@ SFT or by MixSD; memorisation (exact match on the new facts, closed-book) vs ret
 
     python benchmarks/lm_onpolicy.py            # the default run: 3 seeds, under 30 minutes on 2 cores
     python benchmarks/lm_onpolicy.py --quick    # smaller everything, 2 seeds, a few minutes
+
+A full run writes benchmarks/results/lm_onpolicy.md; --quick writes lm_onpolicy_quick.md and a subset of
+--parts or another number of --seeds lm_onpolicy_partial.md, never over the full run's file.
 """
 
 from __future__ import annotations
@@ -39,21 +42,24 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from distill.cli_diagnose import AlignmentSettings, gradient_alignment
+from distill.data.facts import facts_data
+from distill.data.text import Example, LMData, LMDataset
 from distill.experiment import optimizer_config, schedule_config, steps_per_epoch
-from distill.lm.data import Example, LMData, LMDataset
-from distill.lm.experiment import build_lm_model, prepare_lm_run
-from distill.lm.seqkd import GenerationSettings, generate, teacher_generations
-from distill.onpolicy.context import DEFAULT_TEMPLATE, privileged_prompts
-from distill.onpolicy.counting import CallCounter
-from distill.onpolicy.diagnose import AlignmentSettings, gradient_alignment
-from distill.onpolicy.facts import facts_data
-from distill.onpolicy.sources import ONPOLICY_SOURCES, SourcePlan
 from distill.recipe.load import recipe_from_dict
 from distill.recipe.schema import OptimizerSpec, ScheduleSpec
-from distill.report import markdown_table
+from distill.sources import ONPOLICY_SOURCES, SourcePlan
+from distill.sources.context import DEFAULT_TEMPLATE, privileged_prompts
+from distill.sources.counting import CallCounter
+from distill.sources.generations import GenerationSettings, generate, teacher_generations
+from distill.tables import markdown_table
+from distill.tables import pm as mean_pm
+from distill.tasks.causal_lm import build_lm_model, prepare_lm_run
 from distill.train import Term, fit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
 
 LLAMA = {
     "model_type": "llama",
@@ -181,11 +187,8 @@ ROWS: list[tuple[str, str, dict[str, Any], list[tuple[str, float, dict[str, Any]
 
 
 def pm(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    values = [v * scale for v in values if v == v]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+    """`mean ± std` over the values that are not NaN (a metric a seed did not produce)."""
+    return mean_pm([v for v in values if v == v], scale, digits)
 
 
 @torch.inference_mode()
@@ -213,7 +216,7 @@ def greedy_profile(model: torch.nn.Module, data: LMData, limit: int = 100) -> di
 @torch.inference_mode()
 def privileged_exact_match(model: torch.nn.Module, data: LMData, limit: int = 100) -> float:
     """Exact match of the model's greedy answers when the solution is shown first (OPSD's teacher)."""
-    from distill.lm.data import reference_answer
+    from distill.data.text import reference_answer
 
     examples = data.test.examples[:limit]  # type: ignore[attr-defined]
     contexts = privileged_prompts(data.tokenizer, examples, DEFAULT_TEMPLATE)
@@ -492,7 +495,7 @@ def alignment_section(cfg, recipe, setup, warm, console) -> str:
     student = build_lm_model(recipe.student, data.tokenizer, "student")
     student.load_state_dict(warm)
     examples = [e for e in data.test.examples if e.reference is not None]
-    from distill.onpolicy.diagnose import _external_teacher, _privileged_teacher
+    from distill.cli_diagnose import _external_teacher, _privileged_teacher
 
     rows = []
     started = time.perf_counter()
@@ -560,7 +563,7 @@ def facts_section(cfg, seeds, console) -> str:
     tok = pretrain.tokenizer
     new, old = facts_data(part="new", tokenizer=tok, **sizes), facts_data(part="old", tokenizer=tok, **sizes)
     model_cfg = {**f["model"], "max_position_embeddings": 32}
-    from distill.lm.models import build_causal_lm, special_token_ids
+    from distill.models.causal_lm import build_causal_lm, special_token_ids
 
     def model() -> torch.nn.Module:
         return build_causal_lm(config=model_cfg, vocab_size=len(tok), special_tokens=special_token_ids(tok))
@@ -672,12 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models and data, 2 seeds")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
     parser.add_argument("--parts", default="arithmetic,facts")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lm_onpolicy.md")
+    parser.add_argument("--out", type=Path, default=None, help=out_help("lm_onpolicy"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: one thread is faster than two fighting (see the results)
     console = Console(stderr=True)
     cfg = CONFIGS["quick" if args.quick else "default"]
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    seeds, out = seeds_and_file(parser, args, "lm_onpolicy", args.parts, ("arithmetic", "facts"))
     load_start = os.getloadavg()
     started = time.perf_counter()
     sections = []
@@ -689,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(facts_section(cfg, seeds, console))
     total = time.perf_counter() - started
     load_end = os.getloadavg()
-    command = "python benchmarks/lm_onpolicy.py" + (" --quick" if args.quick else "")
+    command = command_line("lm_onpolicy", argv)
     text = (
         "# On-policy distillation benchmark\n\n"
         f"Command: `{command}` ({os.cpu_count()} CPU cores, torch threads 1); seeds {seeds}; total wall time "
@@ -700,10 +703,10 @@ def main(argv: list[str] | None = None) -> int:
         "Cells are mean ± std over seeds at the last epoch. Exact match is the student's greedy answer after "
         "`####` on the held-out problems.\n\n" + "\n\n".join(sections)
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     console.print(text)
-    console.print(f"wrote {args.out} in {total:.0f} s")
+    console.print(f"wrote {out} in {total:.0f} s")
     return 0
 
 

@@ -5,6 +5,9 @@ benchmarks/results/objectives.md.
 
     PYTHONPATH=src python benchmarks/objectives.py [--rows 8192] [--vocab 32000] [--repeats 2]
 
+A subset of the objectives (--only) or other sizes than the defaults is a partial run: it writes
+benchmarks/results/objectives_partial.md, never over the full run's objectives.md.
+
 Sinkhorn KD builds an n x n cost over the batch from n x n x V work, so it runs at --sinkhorn-rows (1024)
 rows. Timings are wall-clock seconds, the minimum over repeats (ours, naive and peer interleaved run by
 run) after one warm-up at a small size; the ratio column is ours / naive (below 1 = faster).
@@ -26,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import distill.losses as L  # noqa: E402
+from _results import out_help, output_file  # noqa: E402  (the results-file rule)
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -197,15 +202,18 @@ def time_case(fns: list[Fn | None], rows: int, vocab: int, repeats: int, seed: i
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--sinkhorn-rows", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=None, help="names to run (default: all)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "objectives.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help=out_help("objectives"))
+    args = parser.parse_args(argv)
+    sizes = ("rows", "vocab", "sinkhorn_rows")
+    partial = bool(args.only) or any(getattr(args, k) != parser.get_default(k) for k in sizes)
+    args.out = output_file(parser, "objectives", args.out, quick=False, partial=partial)
 
     peers = {"trl": _trl_gjsd(), "torchdistill": _torchdistill_kd()}
     lines = [

@@ -7,6 +7,9 @@ data, seeds and budget; only where the teacher's targets come from differs.
 
     python benchmarks/teacher_cache.py            # lm_shakespeare as packaged, 3 seeds
     python benchmarks/teacher_cache.py --quick    # small LM, 2 seeds (CI smoke)
+
+A full run writes benchmarks/results/teacher_cache.md; --quick writes teacher_cache_quick.md and a subset of
+--tasks or another number of --seeds teacher_cache_partial.md, never over the full run's file.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from typing import Any
 
 from rich.console import Console
 
+from distill.build_cache import make_cache
 from distill.cache import TeacherCache
-from distill.cache.build import make_cache
 from distill.experiment import ExperimentResult, run_recipe
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
-from distill.report import markdown_table
+from distill.tables import markdown_table, pm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
 from lm import QUICK, merged  # noqa: E402  (the LM benchmark's quick overrides)
 
 # (top-k, tail draws): k None is the full distribution; draws replace the tail bucket by samples of the tail
@@ -67,11 +71,6 @@ def quality(result: ExperimentResult, task: str) -> list[float]:
     return [scale * run.result.final[key] for run in result.methods[0].runs]
 
 
-def mean_std(values: list[float], digits: int) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
-
-
 def run_task(task: str, quick: bool, seeds: list[int], tmp: Path, console: Console) -> str:
     base = recipe_dict(task, quick, seeds, tmp / f"{task}-live")
     live_recipe = recipe_from_dict(base)
@@ -100,9 +99,7 @@ def run_task(task: str, quick: bool, seeds: list[int], tmp: Path, console: Conso
     live_q, live_step = quality(live, task), seconds_per_step(live)
     metric = "accuracy %" if task == "vision" else "val perplexity"
     digits = 2
-    quality_rows = [
-        ["live teacher", mean_std(live_q, digits), "-", mean_std([1e3 * s for s in live_step], 2), "1.00"]
-    ]
+    quality_rows = [["live teacher", pm(live_q, digits=digits), "-", pm(live_step, 1e3), "1.00"]]
     trained: set[str] = set()
     full = TeacherCache(caches[None, 0]).k
     for k, draws in TRAINED:
@@ -123,9 +120,9 @@ def run_task(task: str, quick: bool, seeds: list[int], tmp: Path, console: Conso
         quality_rows.append(
             [
                 f"cache {label(min(k, full), draws)}" + (" (= full)" if k >= full else ""),
-                mean_std(q, digits),
+                pm(q, digits=digits),
                 gap_text,
-                mean_std([1e3 * s for s in step], 2),
+                pm(step, 1e3),
                 f"{statistics.mean(live_step) / statistics.mean(step):.2f}",
             ]
         )
@@ -161,25 +158,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small LM and 2 seeds")
     parser.add_argument("--tasks", default="vision,lm")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "teacher_cache.md")
+    parser.add_argument("--out", type=Path, default=None, help=out_help("teacher_cache"))
     args = parser.parse_args(argv)
     console = Console(stderr=True)
-    seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    seeds, out = seeds_and_file(parser, args, "teacher_cache", args.tasks, ("vision", "lm"))
     load_start, started = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="distill-bench-cache-") as tmp:
         sections = [run_task(task, args.quick, seeds, Path(tmp), console) for task in args.tasks.split(",")]
     total = time.perf_counter() - started
-    command = "python benchmarks/teacher_cache.py" + (" --quick" if args.quick else "")
-    command += f" --tasks {args.tasks}" if args.tasks != "vision,lm" else ""
-    command += f" --seeds {args.seeds}" if args.seeds else ""
+    command = command_line("teacher_cache", argv)
     text = (
         "# Teacher cache benchmark\n\n"
         f"Command: `{command}` ({os.cpu_count()} CPU cores); total wall time {total:.0f} s; 1-minute load "
         f"average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 2: the cores "
         "were shared, times are noisier).\n\n" + "\n\n".join(sections) + "\n"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     console.print(text)
     return 0
 

@@ -6,19 +6,32 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from data_helpers import require_data
 from distill.bench import methods as bench_methods
 from distill.bench.memo import MemoizedTeacher
-from distill.bench.vision import SUITES, merge, parse_set, run_vision_bench, suite_recipes
+from distill.bench.vision import (
+    HEADERS,
+    SUITES,
+    DatasetResult,
+    merge,
+    parse_set,
+    run_vision_bench,
+    suite_recipes,
+    table_rows,
+)
 from distill.errors import UserError
+from distill.experiment import MethodRuns, SeedRun
 from distill.objectives import OBJECTIVES, Objective, StepOutputs
 from distill.recipe.check import check_recipe
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
+from distill.train import FitResult
 
 TINY_DIGITS = {
     "data": {"params": {"labelled_per_class": 3}},
@@ -129,6 +142,35 @@ def test_memoized_teacher_matches_the_teacher() -> None:
     assert memo.misses == 8 and memo.hits == 3 + 8
 
 
+def _fake_dataset(accuracies: dict[str, list[float]]) -> DatasetResult:
+    """A data set's results without a run: one method per entry (the first is the student alone)."""
+
+    def runs(name: str, values: list[float]) -> MethodRuns:
+        fits = [FitResult({"accuracy": a, "ece": 0.05}, {"accuracy": a}) for a in values]
+        return MethodRuns(name, [], [SeedRun(seed, fit, 1.0) for seed, fit in enumerate(fits)])
+
+    settings = [(name, bench_methods.Setting(name, (), "test")) for name in accuracies]
+    experiment = SimpleNamespace(teacher=None, methods=[runs(n, v) for n, v in accuracies.items()])
+    return DatasetResult(recipe=None, experiment=experiment, methods=settings)  # type: ignore[arg-type]
+
+
+def test_table_says_better_worse_or_within_noise() -> None:
+    dataset = _fake_dataset(
+        {
+            "student alone": [0.80, 0.82, 0.84],  # std 2 points
+            "up": [0.90, 0.91, 0.92],  # +9 points, spread 3: better
+            "down": [0.70, 0.71, 0.72],  # -11 points, spread 3: worse (was "yes" under `gain > spread?`)
+            "same": [0.81, 0.83, 0.85],  # +1 point, spread 4: within noise
+        }
+    )
+    assert HEADERS[3:5] == ["gain vs alone (last)", "vs student alone"]
+    rows = {row[0]: row for row in table_rows(dataset)}
+    assert rows["student alone"][3:5] == ["-", "-"]
+    assert rows["up"][3:5] == ["+9.00 (spread 3.00)", "better"]
+    assert rows["down"][3:5] == ["-11.00 (spread 3.00)", "worse"]
+    assert rows["same"][3:5] == ["+1.00 (spread 4.00)", "within noise"]
+
+
 def _check_outputs(out: Path, datasets: int) -> dict:
     for name in ("results.md", "results.json", "accuracy.png", "learning_curves.png"):
         assert (out / name).stat().st_size > 0, name
@@ -140,6 +182,7 @@ def _check_outputs(out: Path, datasets: int) -> dict:
 
 @pytest.mark.slow
 def test_tiny_quick_suite_end_to_end(tmp_path: Path) -> None:
+    require_data("images/mnist_t10k")  # the quick suite's second data set
     from distill.cli import app
 
     out = tmp_path / "bench"
@@ -155,12 +198,13 @@ def test_tiny_quick_suite_end_to_end(tmp_path: Path) -> None:
         assert names == ["student alone", "KD", "DKD"]
         kd = dataset["methods"][1]
         assert 0.0 <= kd["accuracy_last"]["mean"] <= 1.0 and kd["gain_vs_alone"] is not None
+        assert kd["gain_vs_alone"]["verdict"] in ("better", "worse", "within noise")
         assert kd["wall_seconds"]["mean"] > 0 and len(kd["per_seed"]) == 1
         assert (out / dataset["recipe"] / "report.md").exists()
     text = (out / "results.md").read_text()
     assert text.startswith("# Vision distillation benchmark: `quick` suite")
     assert "distill bench vision --suite quick" in text and "| KD |" in text
-    assert "KD vs student alone" in text
+    assert "KD vs student alone" in text and "| vs student alone |" in text and "gain > spread" not in text
     # a second run into the same folder is refused; --resume finishes from the stored runs
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and isinstance(again.exception, UserError)

@@ -13,35 +13,40 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from data_helpers import require_data, require_file
 from distill.data import DATASETS, build_data
-from distill.data.images import (
-    CIFAR10_CLASSES,
-    FASHION_MNIST_DEBIAN,
-    ImageTensorDataset,
-    cache_dir,
-    extract_archive,
-    random_crop_flip,
-    read_idx,
-    shared_data_dir,
-)
+from distill.data.cifar import CIFAR10_CLASSES
+from distill.data.image_dataset import ImageTensorDataset, random_crop_flip
+from distill.data.image_io import extract_archive, read_idx
+from distill.data.mnist import FASHION_MNIST_DEBIAN
+from distill.data.paths import cache_dir
 from distill.errors import UserError
 
-SHARED = shared_data_dir() / "images"
-MNIST_DIR = SHARED / "mnist_t10k"
-CIFAR_DIR = SHARED / "cifar10"
-needs_shared = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="../shared/data is not here")
-needs_fashion = pytest.mark.skipif(
-    not (FASHION_MNIST_DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist is not installed",
-)
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The shared MNIST test split (a skip naming it when it is not here)."""
+    return require_data("images/mnist_t10k")
+
+
+@pytest.fixture
+def cifar_dir() -> Path:
+    """The shared CIFAR-10 archives (a skip naming them when they are not here)."""
+    return require_data("images/cifar10")
+
+
+@pytest.fixture
+def fashion_dir() -> Path:
+    """Fashion-MNIST from the Debian package (a skip saying how to install it when it is not)."""
+    how = "apt-get install dataset-fashion-mnist"
+    return require_file(FASHION_MNIST_DEBIAN / "train-images-idx3-ubyte.gz", how).parent
 
 
 @pytest.fixture
 def tmp_cache(monkeypatch, tmp_path) -> Path:
-    """An empty cache of this test's own (conftest already points DISTILL_CACHE at a session folder)."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DISTILL_CACHE", str(cache))
-    return cache
+    """An empty data cache of this test's own (conftest already points DISTILL_CACHE at a session folder)."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    return cache_dir()
 
 
 def test_loaders_are_registered():
@@ -57,9 +62,8 @@ def _digest(images: torch.Tensor) -> set[str]:
 # ------------------------------------------------------------------------------------------ MNIST (real)
 
 
-@needs_shared
-def test_mnist_test_split_is_divided_deterministically():
-    raw = read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+def test_mnist_test_split_is_divided_deterministically(mnist_dir):
+    raw = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")
     assert raw.shape == (10000, 28, 28) and raw.dtype == np.uint8
     a, b = build_data("mnist"), build_data("mnist")
     other = build_data("mnist", split_seed=1)
@@ -75,8 +79,7 @@ def test_mnist_test_split_is_divided_deterministically():
     assert torch.equal(torch.bincount(student.train.labels), torch.full((10,), 5))
 
 
-@needs_shared
-def test_mnist_batches_through_a_dataloader():
+def test_mnist_batches_through_a_dataloader(mnist_dir):
     splits = build_data("mnist", augment=True)
     torch.manual_seed(3)
     x, y = next(iter(DataLoader(splits.train, batch_size=16, shuffle=True)))
@@ -91,8 +94,7 @@ def test_mnist_batches_through_a_dataloader():
 # ----------------------------------------------------------------------------------- Fashion-MNIST (Debian)
 
 
-@needs_fashion
-def test_fashion_mnist_from_the_debian_package():
+def test_fashion_mnist_from_the_debian_package(fashion_dir):
     full = build_data("fashion_mnist")
     assert (len(full.train), len(full.test), full.input_shape, full.num_classes) == (
         60000,
@@ -115,8 +117,7 @@ def test_fashion_mnist_missing_root_names_it(tmp_path):
 # --------------------------------------------------------------------------------------- CIFAR-10 (real)
 
 
-@needs_shared
-def test_cifar10_from_the_shared_archives():
+def test_cifar10_from_the_shared_archives(cifar_dir):
     splits = build_data("cifar10", train_per_class=20, test_per_class=10)
     assert (len(splits.train), len(splits.test), splits.input_shape, splits.num_classes) == (
         200,
@@ -162,8 +163,7 @@ def test_archives_are_extracted_once_atomically_with_a_manifest(tmp_path, tmp_ca
     assert torch.equal(again.train.images, splits.train.images)
 
 
-@needs_shared
-def test_cifar10_full_test_split_is_normalised():
+def test_cifar10_full_test_split_is_normalised(cifar_dir):
     splits = build_data("cifar10", train_per_class=1)
     assert (len(splits.train), len(splits.test)) == (10, 10000)
     x = splits.test.batch(range(0, 10000, 7))[0]

@@ -156,7 +156,7 @@ def test_teacher_checkpoint_pickle_is_refused(
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_teacher_pickle_is_refused(tmp_path: Path, marker: Path, kind: str) -> None:
     from distill import build_model
-    from distill.experiment import _load_weights, read_teacher_cache
+    from distill.tasks.teacher_store import load_weights, read_teacher_cache
 
     folder = tmp_path / "teachers" / "key"
     weights = write_payload(folder / "model.safetensors", marker, kind)
@@ -170,14 +170,14 @@ def test_cached_teacher_pickle_is_refused(tmp_path: Path, marker: Path, kind: st
     assert hit is not None
     model = build_model("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=[16])
     with pytest.raises(UserError, match="is not a safetensors file"):
-        _load_weights(model, hit[0], "teacher")
+        load_weights(model, hit[0], "teacher")
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_teacher_topk_cache_shard_pickle_is_refused(tmp_path: Path, marker: Path, kind: str) -> None:
     from distill.cache import CacheWriter, TeacherCache
-    from distill.cache.build import topk_rows
+    from distill.cache.targets import topk_rows
 
     header = {"kind": "classification", "teacher": "t", "tokenizer": None, "data": "d", "samples": 4}
     header |= {"k": 2, "vocab": 5, "temperature": 1.0, "hidden": []}
@@ -202,7 +202,7 @@ def test_language_model_weights_pickle_is_refused(tmp_path: Path, marker: Path) 
     sys.path.insert(0, str(Path(__file__).parent / "lm"))
     from lm_helpers import STUDENT
 
-    from distill.lm.models import build_causal_lm
+    from distill.models.causal_lm import build_causal_lm
 
     folder = tmp_path / "model"
     build_causal_lm(config=STUDENT, vocab_size=40).config.save_pretrained(str(folder))

@@ -10,8 +10,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distill.build_cache import make_cache
 from distill.cache import CacheWriter, IndexedDataset, TeacherCache
-from distill.cache.build import make_cache, rows_with_tail_draws, topk_rows
+from distill.cache.targets import rows_with_tail_draws, topk_rows
 from distill.errors import UserError
 from distill.losses.sparse import SparseTargets
 from distill.objectives import build_objective
@@ -222,7 +223,7 @@ def test_tail_draws_keep_the_head_exact_and_the_tail_unbiased(k):
 
 
 def test_language_model_caches_default_to_half_exact_half_drawn_slots():
-    from distill.cache.build import default_slots
+    from distill.cache.targets import default_slots
 
     assert default_slots("lm", 32, 1024, None) == (16, 16)
     assert default_slots("lm", 1, 1024, None) == (1, 0)

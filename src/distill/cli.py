@@ -110,7 +110,7 @@ def cache(
 ) -> None:
     """Run the recipe's teacher once over its training data and store its top-k log-probabilities (sharded,
     checksummed, resumable); train from it with `teacher: {cache: DIR}`."""
-    from distill.cache.build import make_cache
+    from distill.build_cache import make_cache
     from distill.recipe import load_recipe
     from distill.recipe.check import check_recipe
 
@@ -134,7 +134,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
-from distill.onpolicy.diagnose import diagnose_app  # noqa: E402  (`distill diagnose alignment`)
+from distill.cli_diagnose import diagnose_app  # noqa: E402  (`distill diagnose alignment`)
 
 app.add_typer(diagnose_app, name="diagnose")
 

@@ -63,3 +63,9 @@ def sha256_file(path: Path) -> str:
 def fingerprint(obj: Any) -> str:
     """A stable short hash of JSON-able data (configs, specs)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    """Where distill keeps what it can make again (trained teachers, generations, tokenizers, data):
+    `$DISTILL_CACHE`, else `~/.cache/distill`."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))

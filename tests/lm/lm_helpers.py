@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from distill.lm.data import addition_record
+from distill.data.text import addition_record
 
 TEACHER = {
     "model_type": "llama",
@@ -38,8 +38,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def bpe(rows: list[dict[str, str]] | None = None, vocab_size: int = 280):
-    from distill.lm.data import corpus_texts
-    from distill.lm.tokenizers import train_bpe
+    from distill.data.text import corpus_texts
+    from distill.data.tokenizers import train_bpe
 
     return train_bpe(corpus_texts(rows or addition_rows(200)), vocab_size=vocab_size)
 
@@ -49,9 +49,9 @@ def lm_fixture(extra_teacher_rows: int = 0, teacher_dtype=None):
     `extra_teacher_rows`: that many padding rows more in the teacher's vocabulary (cut to the tokenizer's)."""
     import torch
 
-    from distill.lm.data import build_lm_data
-    from distill.lm.models import build_causal_lm, special_token_ids
-    from distill.lm.tokenizers import slice_logits
+    from distill.data.text import build_lm_data
+    from distill.data.tokenizers import slice_logits
+    from distill.models.causal_lm import build_causal_lm, special_token_ids
 
     tokenizer = bpe()
     rows = addition_rows(8, seed=3)

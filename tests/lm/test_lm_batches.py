@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from lm_helpers import STUDENT, addition_rows, bpe, lm_fixture
 
-from distill.lm.data import Example, LMDataset, build_lm_data, chat_example, collate
-from distill.lm.models import build_causal_lm, special_token_ids
+from distill.data.text import Example, LMDataset, build_lm_data, chat_example, collate
+from distill.models.causal_lm import build_causal_lm, special_token_ids
 from distill.objectives import StepOutputs, build_objective
 from distill.train import OptimizerConfig, ScheduleConfig, fit
 
@@ -123,7 +123,7 @@ def test_lm_dataset_is_a_torch_dataset_with_its_collation() -> None:
 
 
 def test_evaluation_batches_shrink_to_keep_large_vocabulary_logits_bounded() -> None:
-    from distill.lm.evaluate import EVAL_LOGITS_BUDGET, logits_batch_size
+    from distill.tasks.causal_lm_eval import EVAL_LOGITS_BUDGET, logits_batch_size
 
     assert logits_batch_size(32, 128, 1024) == 32  # small vocabularies keep the requested batch
     assert logits_batch_size(32, 512, 131072) == 1  # 1 GB of logits per sequence: one at a time

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from data_helpers import require_data
+
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = (
     "teacher",
@@ -40,6 +42,7 @@ def test_packaged_recipes_are_the_default_runs():
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_both_tables(tmp_path):
+    require_data("text/tinyshakespeare.txt")  # the shakespeare task's text
     out = tmp_path / "lm.md"
     assert _benchmark().main(["--quick", "--seeds", "1", "--out", str(out)]) == 0
     text = out.read_text()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from lm_helpers import STUDENT, TEACHER, addition_rows, bpe, write_jsonl
 
+from distill.build_cache import make_cache
 from distill.cache import TeacherCache
-from distill.cache.build import make_cache
 from distill.errors import UserError
 from distill.experiment import run_recipe
 from distill.objectives import OBJECTIVES, Objective
@@ -67,7 +67,7 @@ def test_student_trains_from_a_top_k_cache_without_the_teacher(tmp_path):
 
 def _train_examples(recipe: dict):
     from distill.data import build_data
-    from distill.lm.tokenizers import load_tokenizer
+    from distill.data.tokenizers import load_tokenizer
 
     params = dict(recipe["data"]["params"])
     params["tokenizer"] = load_tokenizer(params["tokenizer"])

@@ -8,12 +8,12 @@ import pytest
 import torch
 from lm_helpers import lm_fixture
 
+from distill.data.text import collate
 from distill.errors import UserError
-from distill.lm.data import collate
+from distill.heads import head_inputs, hidden_only, logits_come_from_layer, output_layer
 from distill.losses.sparse import topk_targets
 from distill.objectives import StepOutputs, build_objective
 from distill.train import OptimizerConfig, ScheduleConfig, fit
-from distill.train.fused import head_inputs, hidden_only, logits_come_from_layer, output_layer
 
 FUSED_OBJECTIVES = [
     ("forward_kl", {}),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from lm_helpers import TEACHER, addition_rows, bpe
 
-from distill.lm.data import build_lm_data
-from distill.lm.evaluate import LMEvaluator
-from distill.lm.models import build_causal_lm, special_token_ids
-from distill.lm.seqkd import GenerationSettings, teacher_generations
+from distill.data.text import build_lm_data
+from distill.models.causal_lm import build_causal_lm, special_token_ids
+from distill.sources.generations import GenerationSettings, teacher_generations
+from distill.tasks.causal_lm_eval import LMEvaluator
 
 
 def test_generations_are_cached_and_reused_only_when_nothing_changed(tmp_path) -> None:

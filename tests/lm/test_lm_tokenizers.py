@@ -8,9 +8,9 @@ import pytest
 import torch
 from lm_helpers import STUDENT, TEACHER, addition_rows, bpe
 
+from distill.data.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
 from distill.errors import UserError
-from distill.lm.models import build_causal_lm, special_token_ids
-from distill.lm.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
+from distill.models.causal_lm import build_causal_lm, special_token_ids
 
 
 def _model(config, tokenizer, extra_rows=0):

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import distill.losses as L
-from distill.losses.fused_linear import _plan, _Problem, _Spec
+from distill.losses.fused_chunks import _plan, _Problem
+from distill.losses.fused_kernels import _Spec
 
 # (divergence, extra kwargs): every kernel, and the ends where a divergence becomes another one
 CASES = [

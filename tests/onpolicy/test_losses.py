@@ -13,16 +13,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lm"))
 from lm_helpers import STUDENT, addition_rows, bpe  # noqa: E402
 
+from distill.data.text import build_lm_data  # noqa: E402
 from distill.errors import UserError  # noqa: E402
-from distill.lm.data import build_lm_data  # noqa: E402
-from distill.lm.models import build_causal_lm, special_token_ids  # noqa: E402
+from distill.losses.preference import soda_loss  # noqa: E402
+from distill.losses.tsd import early_entropy_positions, tsd_indirect  # noqa: E402
+from distill.models.causal_lm import build_causal_lm, special_token_ids  # noqa: E402
 from distill.objectives import Progress, StepOutputs, build_objective  # noqa: E402
-from distill.onpolicy.batching import PromptAwareDataset  # noqa: E402
-from distill.onpolicy.context import privileged_prompts  # noqa: E402
-from distill.onpolicy.opsd import OPSDRollouts, PrivilegedTeacher  # noqa: E402
-from distill.onpolicy.rollouts import RolloutSettings, StudentRollouts  # noqa: E402
-from distill.onpolicy.soda import soda_loss  # noqa: E402
-from distill.onpolicy.tsd import early_entropy_positions, tsd_indirect  # noqa: E402
+from distill.sources.batching import PromptAwareDataset  # noqa: E402
+from distill.sources.context import privileged_prompts  # noqa: E402
+from distill.sources.opsd import OPSDRollouts, PrivilegedTeacher  # noqa: E402
+from distill.sources.rollouts import RolloutSettings, StudentRollouts  # noqa: E402
 
 
 @pytest.fixture(scope="module")

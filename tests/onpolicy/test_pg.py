@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.losses import reverse_kl
-from distill.onpolicy.pg import reverse_kl_pg, rewards_to_go
+from distill.losses.policy_gradient import reverse_kl_pg, rewards_to_go
 
 VOCAB, LENGTH = 3, 3
 SEQUENCES = [list(y) for y in itertools.product(range(VOCAB), repeat=LENGTH)]

@@ -12,12 +12,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lm"))
 from lm_helpers import STUDENT, TEACHER, addition_rows, bpe  # noqa: E402
 
-from distill.lm.data import build_lm_data  # noqa: E402
-from distill.lm.models import build_causal_lm, special_token_ids  # noqa: E402
+from distill.data.text import build_lm_data  # noqa: E402
+from distill.models.causal_lm import build_causal_lm, special_token_ids  # noqa: E402
 from distill.objectives import Progress  # noqa: E402
-from distill.onpolicy.batching import PromptAwareDataset  # noqa: E402
-from distill.onpolicy.rollouts import RolloutSettings, StudentRollouts  # noqa: E402
-from distill.onpolicy.sources import SourcePlan  # noqa: E402
+from distill.sources import SourcePlan  # noqa: E402
+from distill.sources.batching import PromptAwareDataset  # noqa: E402
+from distill.sources.rollouts import RolloutSettings, StudentRollouts  # noqa: E402
 from distill.train import fit  # noqa: E402
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from distill.bench.methods import classification_methods, select_methods, skipped_objectives
-from distill.bench.vision import SUITES, BenchResult, run_vision_bench, suite_recipes
+from distill.bench.results import BenchResult
+from distill.bench.runner import run_vision_bench
+from distill.bench.suites import SUITES, suite_recipes
 
 __all__ = [
     "SUITES",

@@ -1,4 +1,5 @@
-"""Data sets by name. Every module here registers its loaders in `DATASETS` on import."""
+"""Data sets by name. Every module here is imported, so that its loaders register in `DATASETS`;
+`paths` finds the shared data files they read (docs/data.md)."""
 
 from __future__ import annotations
 

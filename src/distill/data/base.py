@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from distill.data.paths import data_root
 from distill.errors import UserError
 from distill.registry import Registry
 
@@ -36,14 +36,8 @@ DATASETS: Registry[DataSplits] = Registry("data set")
 
 
 def shared_data_dir() -> Path:
-    """The project's shared real data (`../shared/data` from the project root); `DISTILL_SHARED_DATA` wins."""
-    if env := os.environ.get("DISTILL_SHARED_DATA"):
-        return Path(env).expanduser()
-    candidates = [
-        Path(__file__).resolve().parents[3].parent / "shared" / "data",
-        Path.cwd().parent / "shared" / "data",
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    """Old name of `distill.data.paths.data_root` (loaders resolve files with `data_path` there)."""
+    return data_root()
 
 
 def build_data(name: str, **params: Any) -> DataSplits:

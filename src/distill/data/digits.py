@@ -6,21 +6,8 @@ import numpy as np
 import torch
 
 from distill.data.base import DATASETS, DataSplits, tensor_dataset
+from distill.data.image_dataset import per_class_subset
 from distill.errors import UserError
-
-
-def stratified_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Indices of `per_class` examples of each class, drawn with a fixed seed, in ascending order."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        if len(members) < per_class:
-            raise UserError(
-                f"data: class {cls} has {len(members)} examples, fewer than labelled_per_class={per_class}"
-            )
-        chosen.append(rng.choice(members, size=per_class, replace=False))
-    return np.sort(np.concatenate(chosen))
 
 
 @DATASETS.register("digits", summary="scikit-learn digits, 8x8 grey images, 10 classes")
@@ -45,7 +32,7 @@ def digits(
     description = f"scikit-learn digits: {len(y_train)} train / {len(y_test)} test images (8x8, 10 classes)"
     if labelled_per_class is None:
         return DataSplits(full_train, test, 10, (1, 8, 8), description=description)
-    subset = stratified_subset(y_train, labelled_per_class, split_seed)
+    subset = per_class_subset(y_train, labelled_per_class, split_seed, "labelled_per_class")
     student_train = tensor_dataset(
         torch.from_numpy(x_train[subset])[:, None], torch.from_numpy(y_train[subset])
     )

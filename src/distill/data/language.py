@@ -1,16 +1,17 @@
 """Language-model data sets (`text`, `jsonl`, `json`, `csv`, `parquet`, `arithmetic`, `tinyshakespeare`):
-`distill.lm.data`."""
+`distill.data.text`."""
 
 from functools import partial
 from typing import Any
 
-from distill.data.base import DATASETS, shared_data_dir
-from distill.lm.data import LMData, arithmetic_data, file_data
+from distill.data.base import DATASETS
+from distill.data.paths import data_path
+from distill.data.text import LMData, arithmetic_data, file_data
 
 
 def tinyshakespeare_data(*, path: str | None = None, **params: Any) -> LMData:
     """Tiny-shakespeare as plain text: the shared copy (`text/tinyshakespeare.txt`) unless `path` is given."""
-    return file_data("text", path=path or str(shared_data_dir() / "text" / "tinyshakespeare.txt"), **params)
+    return file_data("text", path=path or str(data_path("text/tinyshakespeare.txt")), **params)
 
 
 for _name in ("text", "jsonl", "json", "csv", "parquet"):

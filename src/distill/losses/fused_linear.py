@@ -23,28 +23,22 @@ How (see docs/fused_loss.md):
 Temperature: logits are divided by T and the value is *not* multiplied by T^2, like every divergence in
 `distill.losses` (multiply by T^2 yourself for Hinton's scaling).
 
+Modules: the per-divergence tile maths is in `distill.losses.fused_kernels`, the chunking in
+`distill.losses.fused_chunks`; this one holds the argument checks, the autograd glue and the reference.
+
 The teacher is a constant: no gradient reaches the teacher's tensors (as in Liger-Kernel and TRL). Logits must
 be finite: biases with ``-inf`` (a masked vocabulary) are refused.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from distill.losses import divergences as dense
-from distill.losses.sparse import (
-    LOG_TINY,
-    TAILS,
-    SparseTargets,
-    bucket_log_probs,
-    rows_for,
-    teacher_bucket_logprobs,
-)
+from distill.losses._common import compute_dtype
+from distill.losses.fused_chunks import _Problem, _run
+from distill.losses.fused_kernels import _dense_function, _Spec
+from distill.losses.sparse import TAILS, SparseTargets, bucket_log_probs
 
 # Public names -> canonical kernel names (the dense function names work too).
 DIVERGENCES = {
@@ -58,448 +52,6 @@ DIVERGENCES = {
     "skew_reverse_kl": "skew_reverse_kl",
 }
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of chunk buffers (logits tiles), whatever N and V
-_MIN_ROWS = 32  # below this many rows per chunk the matmuls lose efficiency: tile the vocabulary instead
-_BUFFERS = {"dense": 5, "reverse_kl": 4, "sparse": 2}  # (rows x tile) buffers each chunk needs
-
-
-@dataclass(frozen=True)
-class _Spec:
-    kind: str  # canonical divergence, "zero" for a divergence that is identically 0 (skew alpha = 1)
-    beta: float
-    alpha: float
-    inv_t: float
-    tail: str
-    sparse: bool
-    reduction: str
-    memory_budget: int
-    chunk_tokens: int | None
-    chunk_vocab: int | None
-
-
-# -------------------------------------------------------------------------------- kernels
-# Tiles are vocabulary-major, (tile, rows): the logits come from weight @ hidden^T, which MKL runs markedly
-# faster than hidden @ weight^T at these shapes, and per-token vectors (rows,) broadcast along the last dim.
-# A kernel gets one tile of student log-probabilities LQ and probabilities Q, the teacher's LP and P, and a
-# spare buffer X (all overwritable except Q). It returns the per-token divergence terms of the tile, a tile
-# H and either None (H is then the gradient d div / d s itself) or the per-token sum of H: the gradient is
-# then H - Q * sum_v H (the softmax Jacobian applied to h = q * dL/dq; any c * Q added to H cancels there,
-# which the kernels use to drop constants). ``factor`` scales the gradient.
-# Every log is of a mass clamped at float32's smallest normal, so underflowed probabilities give 0 * finite.
-
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def _kernel_forward_kl(lq: Tensor, q: Tensor, lp: Tensor, p: Tensor, x: Tensor, spec: _Spec):
-    value = torch.sub(lp, lq, out=x).mul_(p).sum(0)
-    return value, torch.sub(q, p, out=lp), None, 1.0
-
-
-def _kernel_reverse_kl(lq: Tensor, q: Tensor, lp: Tensor, p: Tensor | None, x: Tensor | None, spec: _Spec):
-    h = torch.sub(lq, lp, out=lp).mul_(q)  # q (log q - log p)
-    value = h.sum(0)
-    return value, h, value, 1.0
-
-
-def _log_mixture_into(x: Tensor, a: Tensor, b: Tensor, weight_a: float) -> None:
-    """x = log(w a + (1 - w) b) - log(1 - w) = log(a w / (1 - w) + b): the offset is `_value_offset`."""
-    torch.add(b, a, alpha=weight_a / (1.0 - weight_a), out=x).clamp_min_(_TINY).log_()
-
-
-def _value_offset(spec: _Spec) -> float:
-    """Per-row constant the kernels leave out of the value (the log(1 - w) of `_log_mixture_into`)."""
-    if spec.kind == "jsd":
-        return math.log(spec.beta)
-    if spec.kind in ("skew_forward_kl", "skew_reverse_kl"):
-        return math.log1p(-spec.alpha)
-    return 0.0
-
-
-def _finish(value: Tensor, spec: _Spec) -> Tensor:
-    """Per-row value from the summed kernel terms: the offset, and JSD's cut at 0 (as the dense loss)."""
-    offset = _value_offset(spec)
-    if offset:
-        value = value - offset
-    return value.clamp_min_(0.0) if spec.kind == "jsd" else value
-
-
-def _kernel_jsd(lq: Tensor, q: Tensor, lp: Tensor, p: Tensor, x: Tensor, spec: _Spec):
-    beta = spec.beta
-    # M = beta P + (1 - beta) Q; x = log M - log beta
-    _log_mixture_into(x, q, p, 1.0 - beta)
-    teacher = lp.sub_(x).mul_(p).sum(0)  # KL(P || M) + log beta
-    h = lq.sub_(x).mul_(q)  # q (log q - log M) up to + q log beta, which cancels
-    student = h.sum(0)  # KL(Q || M) + log beta
-    return beta * teacher + (1.0 - beta) * student, h, student, 1.0 - beta
-
-
-def _kernel_tvd(lq: Tensor, q: Tensor, lp: Tensor, p: Tensor, x: Tensor, spec: _Spec):
-    diff = torch.sub(q, p, out=x)
-    value = 0.5 * torch.linalg.vector_norm(diff, 1, dim=0)
-    h = diff.sign_().mul_(q)  # q sign(q - p): d TVD / d q = sign(q - p) / 2
-    return value, h, h.sum(0), 0.5
-
-
-def _kernel_skew_forward_kl(lq: Tensor, q: Tensor, lp: Tensor, p: Tensor, x: Tensor, spec: _Spec):
-    # M = alpha P + (1 - alpha) Q; x = log M - log(1 - alpha)
-    _log_mixture_into(x, p, q, spec.alpha)
-    a = lp.sub_(x)  # log P - log M + log(1 - alpha)
-    value = torch.mul(p, a, out=x).sum(0)
-    # q dL/dq = -(1 - alpha) P Q / M = -exp(a + log Q)
-    h = a.add_(lq).exp_()
-    return value, h, h.sum(0), -1.0
-
-
-def _kernel_skew_reverse_kl(lq: Tensor, q: Tensor, lp: Tensor, p: Tensor, x: Tensor, spec: _Spec):
-    alpha = spec.alpha
-    # M = alpha Q + (1 - alpha) P; x = log M - log(1 - alpha)
-    _log_mixture_into(x, q, p, alpha)
-    a = lq.sub_(x)  # log Q - log M + log(1 - alpha)
-    value = torch.mul(q, a, out=lp).sum(0)
-    # dL/dq = log(Q / M) - alpha Q / M (+ 1); with Q / M = exp(a) / (1 - alpha), constants dropped
-    h = a.add_(torch.exp(a, out=x), alpha=-alpha / (1.0 - alpha)).mul_(q)
-    return value, h, h.sum(0), 1.0
-
-
-_KERNELS: dict[str, Callable] = {
-    "forward_kl": _kernel_forward_kl,
-    "reverse_kl": _kernel_reverse_kl,
-    "jsd": _kernel_jsd,
-    "tvd": _kernel_tvd,
-    "skew_forward_kl": _kernel_skew_forward_kl,
-    "skew_reverse_kl": _kernel_skew_reverse_kl,
-}
-
-
-# -------------------------------------------------------------------------------- pieces
-def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_t: float) -> Tensor:
-    """out (tile, rows) = (weight hidden^T + bias) / T, with the 1/T folded into the matmul."""
-    if bias is None:
-        return torch.addmm(out, weight, hidden.t(), beta=0.0, alpha=inv_t, out=out)
-    out.copy_(bias[:, None].expand_as(out))
-    return out.addmm_(weight, hidden.t(), beta=inv_t, alpha=inv_t)
-
-
-def _log_softmax_(logits: Tensor, probs: Tensor) -> None:
-    """Whole-vocabulary tile: logits become log-probabilities in place, probs their exp."""
-    logits.sub_(logits.amax(0))
-    z = torch.exp(logits, out=probs).sum(0)
-    probs.div_(z)
-    logits.sub_(z.log_())
-
-
-class _Buffers:
-    """Flat preallocated storage handed out as contiguous (width, rows) views."""
-
-    def __init__(self, count: int, elements: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.flat = [torch.empty(elements, dtype=dtype, device=device) for _ in range(count)]
-
-    def views(self, rows: int, width: int) -> list[Tensor]:
-        return [b[: rows * width].view(width, rows) for b in self.flat]
-
-
-def _online_lse(m: Tensor, z: Tensor, tile: Tensor) -> None:
-    """Fold a (tile, rows) tile into a running (max, sum exp(x - max)) per token; clobbers the tile."""
-    new_m = torch.maximum(m, tile.amax(0))
-    safe = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)  # a token of -inf so far
-    z.mul_(torch.exp(m - safe)).add_(tile.sub_(safe).exp_().sum(0))
-    m.copy_(new_m)
-
-
-def _lse(m: Tensor, z: Tensor) -> Tensor:
-    return m + torch.log(z)
-
-
-@dataclass
-class _Grads:
-    hidden: Tensor | None  # (n_counted, H) in compute dtype, rows in counted order
-    weight: Tensor | None  # (V, H) accumulator, compute dtype
-    bias: Tensor | None
-
-
-class _Problem:
-    """Inputs flattened to counted rows and upcast, with the gradient accumulators."""
-
-    def __init__(
-        self,
-        student_hidden: Tensor,
-        student_weight: Tensor,
-        student_bias: Tensor | None,
-        teacher: tuple[Tensor, Tensor, Tensor | None] | SparseTargets,
-        mask: Tensor | None,
-        need: tuple[bool, bool, bool],
-    ) -> None:
-        self.dtype = (
-            torch.float64
-            if student_hidden.dtype == torch.float64 or student_weight.dtype == torch.float64
-            else torch.float32
-        )
-        hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-        self.n_rows = hidden.shape[0]
-        self.keep: Tensor | None = None
-        self.index: Tensor | None = None
-        if mask is not None:
-            keep = mask.reshape(-1).to(device=hidden.device, dtype=torch.bool)
-            if not bool(keep.all()):
-                self.keep = keep
-                self.index = keep.nonzero().squeeze(1)
-        self.hidden = hidden  # upcast chunk by chunk (the rows may be many)
-        self.weight = student_weight.to(self.dtype)
-        self.bias = student_bias.to(self.dtype) if student_bias is not None else None
-        self.vocab = self.weight.shape[0]
-        self.n = self.n_rows if self.index is None else int(self.index.numel())
-        if isinstance(teacher, SparseTargets):
-            self.targets: SparseTargets | None = rows_for(teacher, self.n_rows, self.keep)
-            self.t_hidden = self.t_weight = self.t_bias = None
-        else:
-            self.targets = None
-            t_hidden, t_weight, t_bias = teacher
-            self.t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1])
-            self.t_weight = t_weight.to(self.dtype)
-            self.t_bias = t_bias.to(self.dtype) if t_bias is not None else None
-        dev = self.weight.device
-        self.grads = _Grads(
-            torch.empty(self.n, hidden.shape[1], dtype=self.dtype, device=dev) if need[0] else None,
-            torch.zeros(self.vocab, self.weight.shape[1], dtype=self.dtype, device=dev) if need[1] else None,
-            torch.zeros(self.vocab, dtype=self.dtype, device=dev)
-            if need[2] and student_bias is not None
-            else None,
-        )
-
-    def rows(self, chunk: slice, hidden: Tensor) -> Tensor:
-        part = hidden[chunk] if self.index is None else hidden.index_select(0, self.index[chunk])
-        return part.to(self.dtype)
-
-    @property
-    def any_grad(self) -> bool:
-        g = self.grads
-        return g.hidden is not None or g.weight is not None or g.bias is not None
-
-
-def _plan(problem: _Problem, spec: _Spec) -> tuple[int, int]:
-    """(rows per chunk, vocabulary tile width) from the explicit sizes or the memory budget."""
-    key = "sparse" if spec.sparse else ("reverse_kl" if spec.kind == "reverse_kl" else "dense")
-    per_element = _BUFFERS[key] * torch.finfo(problem.dtype).bits // 8
-    vocab = problem.vocab
-    width = min(spec.chunk_vocab or vocab, vocab)
-    if spec.chunk_tokens is not None:
-        return max(1, min(spec.chunk_tokens, problem.n)), width
-    rows = spec.memory_budget // (per_element * width)
-    if rows < _MIN_ROWS and spec.chunk_vocab is None:  # the vocabulary is too wide for whole rows: tile it
-        width = max(1, min(vocab, spec.memory_budget // (per_element * _MIN_ROWS)))
-        rows = _MIN_ROWS
-    if rows >= problem.n:
-        return max(problem.n, 1), width
-    return (rows - rows % 8 if rows >= 16 else max(rows, 1)), width
-
-
-def _apply_grads(
-    problem: _Problem, g: Tensor, hs: Tensor, chunk: slice, start: int, end: int, alpha: float, first: bool
-) -> None:
-    """Multiply one (tile, rows) gradient of the scaled logits into the hidden, weight and bias gradients."""
-    grads = problem.grads
-    if grads.hidden is not None:
-        out = grads.hidden[chunk]
-        torch.addmm(out, g.t(), problem.weight[start:end], beta=0.0 if first else 1.0, alpha=alpha, out=out)
-    if grads.weight is not None:
-        grads.weight[start:end].addmm_(g, hs, alpha=alpha)
-    if grads.bias is not None:
-        grads.bias[start:end].add_(g.sum(1), alpha=alpha)
-
-
-# -------------------------------------------------------------------------------- dense teacher
-def _dense_chunk_whole(problem: _Problem, spec: _Spec, bufs: _Buffers, chunk: slice, scale: float) -> Tensor:
-    """One token chunk against the whole vocabulary in one pass; returns the per-row values."""
-    hs = problem.rows(chunk, problem.hidden)
-    ht = problem.rows(chunk, problem.t_hidden)
-    n, vocab = hs.shape[0], problem.vocab
-    views = bufs.views(n, vocab)
-    lq, q, lp = views[:3]
-    _log_softmax_(_logits_into(lq, hs, problem.weight, problem.bias, spec.inv_t), q)
-    _logits_into(lp, ht, problem.t_weight, problem.t_bias, spec.inv_t)
-    p, x = views[3], (views[4] if len(views) > 4 else None)  # reverse KL needs no x
-    _log_softmax_(lp, p)
-    value, h, h_sum, factor = _KERNELS[spec.kind](lq, q, lp, p, x, spec)
-    value = _finish(value, spec)
-    if problem.any_grad:
-        if h_sum is not None:
-            h.addcmul_(q, h_sum, value=-1.0)
-        _apply_grads(problem, h, hs, chunk, 0, vocab, factor * scale * spec.inv_t, True)
-    return value
-
-
-def _dense_chunk_tiled(
-    problem: _Problem, spec: _Spec, bufs: _Buffers, chunk: slice, scale: float, width: int
-) -> Tensor:
-    """One token chunk, vocabulary in tiles: online log-sum-exp, per-row sums, then the gradient."""
-    hs = problem.rows(chunk, problem.hidden)
-    ht = problem.rows(chunk, problem.t_hidden)
-    n, vocab = hs.shape[0], problem.vocab
-    tiles = [(a, min(a + width, vocab)) for a in range(0, vocab, width)]
-    stats = [hs.new_full((n,), -math.inf), hs.new_zeros(n), hs.new_full((n,), -math.inf), hs.new_zeros(n)]
-
-    def tile_logits(a: int, b: int) -> list[Tensor]:
-        views = bufs.views(n, b - a)
-        s_bias = problem.bias[a:b] if problem.bias is not None else None
-        t_bias = problem.t_bias[a:b] if problem.t_bias is not None else None
-        _logits_into(views[0], hs, problem.weight[a:b], s_bias, spec.inv_t)
-        _logits_into(views[2], ht, problem.t_weight[a:b], t_bias, spec.inv_t)
-        return views
-
-    for a, b in tiles:
-        views = tile_logits(a, b)
-        _online_lse(stats[0], stats[1], views[0])
-        _online_lse(stats[2], stats[3], views[2])
-    lse_s, lse_t = _lse(stats[0], stats[1]), _lse(stats[2], stats[3])
-
-    def tile_terms(a: int, b: int):
-        views = tile_logits(a, b)
-        lq, q, lp = views[:3]
-        torch.exp(lq.sub_(lse_s), out=q)
-        lp.sub_(lse_t)
-        p, x = (None, None) if spec.kind == "reverse_kl" else (torch.exp(lp, out=views[3]), views[4])
-        return q, _KERNELS[spec.kind](lq, q, lp, p, x, spec)
-
-    value = hs.new_zeros(n)
-    h_sum = None
-    if spec.kind != "forward_kl":  # forward KL's gradient Q - P needs no per-row sum
-        h_sum = hs.new_zeros(n)
-        for a, b in tiles:
-            _, (v, _, hs_tile, _) = tile_terms(a, b)
-            value += v
-            h_sum += hs_tile
-        value = _finish(value, spec)
-        if not problem.any_grad:
-            return value
-    for i, (a, b) in enumerate(tiles):
-        q, (v, h, _, factor) = tile_terms(a, b)
-        if h_sum is None:
-            value += v
-        if problem.any_grad:
-            if h_sum is not None:
-                h.addcmul_(q, h_sum, value=-1.0)
-            _apply_grads(problem, h, hs, chunk, a, b, factor * scale * spec.inv_t, i == 0)
-    return value if h_sum is not None else _finish(value, spec)
-
-
-# -------------------------------------------------------------------------------- sparse teacher
-_DENSE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": dense.forward_kl,
-    "reverse_kl": dense.reverse_kl,
-    "jsd": dense.generalized_jsd,
-    "tvd": dense.total_variation,
-    "skew_forward_kl": dense.skew_forward_kl,
-    "skew_reverse_kl": dense.skew_reverse_kl,
-}
-
-
-def _dense_function(spec: _Spec) -> Callable[..., Tensor]:
-    fn = _DENSE_FUNCTIONS[spec.kind]
-    if spec.kind == "jsd":
-        return lambda s, t, **kw: fn(s, t, beta=spec.beta, **kw)
-    if spec.kind.startswith("skew"):
-        return lambda s, t, **kw: fn(s, t, alpha=spec.alpha, **kw)
-    return fn
-
-
-def _sparse_chunk(
-    problem: _Problem, spec: _Spec, bufs: _Buffers, chunk: slice, scale: float, width: int
-) -> Tensor:
-    """One token chunk against top-k targets: the divergence of the k + 1 buckets (see `sparse`).
-
-    With u the student's bucket log-masses and w = dL/du (from autograd on the small (rows, k + 1) problem),
-    dL/ds_j = w_i - q_j W for j = ids_i and (q_j / Q_tail)(w_tail - Q_tail W) elsewhere, W = sum_b w_b.
-    """
-    targets = problem.targets
-    assert targets is not None
-    hs = problem.rows(chunk, problem.hidden)
-    n, vocab = hs.shape[0], problem.vocab
-    ids = targets.ids[chunk].to(device=hs.device, dtype=torch.long)
-    k = ids.shape[1]
-    tiles = [(a, min(a + width, vocab)) for a in range(0, vocab, width)]
-    whole = len(tiles) == 1
-    ids_t = ids.t()  # (k, rows), to gather / scatter along the vocabulary dim of a whole tile
-
-    def tile_logits(a: int, b: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The (tile, rows) logits, a spare buffer, and (row, slot) of the ids inside the tile."""
-        s_raw, r = bufs.views(n, b - a)
-        bias = problem.bias[a:b] if problem.bias is not None else None
-        _logits_into(s_raw, hs, problem.weight[a:b], bias, spec.inv_t)
-        rows, slots = ((ids >= a) & (ids < b)).nonzero(as_tuple=True)
-        return s_raw, r, rows, slots
-
-    # pass 1: the student's logits on the ids, and the log-sum-exp over the rest
-    s_ids = hs.new_empty(n, k)
-    m, z = hs.new_full((n,), -math.inf), hs.new_zeros(n)
-    for a, b in tiles:
-        if whole:  # keep exp(s - max) with the ids at 0: it becomes the gradient below
-            s_raw, r = bufs.views(n, vocab)
-            _logits_into(s_raw, hs, problem.weight, problem.bias, spec.inv_t)
-            s_ids.copy_(s_raw.gather(0, ids_t).t())
-            s_raw.scatter_(0, ids_t, -math.inf)
-            m = s_raw.amax(0)
-            z = torch.sub(s_raw, torch.where(torch.isinf(m), 0.0, m), out=r).exp_().sum(0)
-        else:
-            s_raw, r, rows, slots = tile_logits(a, b)
-            cols = ids[rows, slots] - a
-            s_ids[rows, slots] = s_raw[cols, rows]
-            s_raw[cols, rows] = -math.inf
-            _online_lse(m, z, s_raw)
-    m_safe = torch.where(torch.isinf(m), 0.0, m)
-    lse_tail = m_safe + torch.log(z)  # -inf when the ids cover the vocabulary
-    lse_all = torch.logaddexp(lse_tail, torch.logsumexp(s_ids, dim=1))
-    u = torch.cat([s_ids - lse_all[:, None], (lse_tail - lse_all)[:, None]], dim=1)
-    teacher = teacher_bucket_logprobs(targets.select(chunk), spec.tail, problem.dtype).to(u.device)
-    with torch.enable_grad():
-        leaf = u.detach().requires_grad_(problem.any_grad)
-        student = torch.cat([leaf[:, :k], leaf[:, k:].clamp_min(LOG_TINY)], dim=1)
-        total = _dense_function(spec)(student, teacher, reduction="none")
-        if problem.any_grad:
-            (w,) = torch.autograd.grad(total.sum(), leaf)
-    value = total.detach()
-    if not problem.any_grad:
-        return value
-    w_sum = w.sum(1)
-    tail_coef = w[:, k] - u[:, k].exp() * w_sum  # times q_j / Q_tail on the non-ids
-    head = w[:, :k] - u[:, :k].exp() * w_sum[:, None]
-    alpha = scale * spec.inv_t
-    if whole:
-        g = r.mul_(tail_coef / torch.where(z > 0, z, 1.0))
-        g.scatter_(0, ids_t, head.t())
-        _apply_grads(problem, g, hs, chunk, 0, vocab, alpha, True)
-        return value
-    lse_tail_safe = torch.where(torch.isinf(lse_tail), 0.0, lse_tail)
-    for i, (a, b) in enumerate(tiles):
-        s_raw, r, rows, slots = tile_logits(a, b)
-        cols = ids[rows, slots] - a
-        s_raw[cols, rows] = -math.inf
-        g = torch.sub(s_raw, lse_tail_safe, out=r).exp_().mul_(tail_coef)
-        g[cols, rows] = head[rows, slots]
-        _apply_grads(problem, g, hs, chunk, a, b, alpha, i == 0)
-    return value
-
-
-# -------------------------------------------------------------------------------- driver
-def _run(problem: _Problem, spec: _Spec) -> Tensor:
-    """Loss value (0-dim) and, in ``problem.grads``, the gradients of that value."""
-    total = torch.zeros((), dtype=torch.float64)
-    scale = 1.0 / max(problem.n, 1) if spec.reduction == "mean" else 1.0
-    if problem.n > 0 and spec.kind != "zero":
-        rows, width = _plan(problem, spec)
-        key = "sparse" if spec.sparse else ("reverse_kl" if spec.kind == "reverse_kl" else "dense")
-        bufs = _Buffers(_BUFFERS[key], rows * width, problem.dtype, problem.weight.device)
-        for start in range(0, problem.n, rows):
-            chunk = slice(start, min(start + rows, problem.n))
-            if spec.sparse:
-                value = _sparse_chunk(problem, spec, bufs, chunk, scale, width)
-            elif width >= problem.vocab:
-                value = _dense_chunk_whole(problem, spec, bufs, chunk, scale)
-            else:
-                value = _dense_chunk_tiled(problem, spec, bufs, chunk, scale, width)
-            total += value.sum(dtype=torch.float64)
-        del bufs
-    elif problem.grads.hidden is not None:
-        problem.grads.hidden.zero_()
-    return (total * scale).to(problem.dtype)
 
 
 def _forward_and_grads(student_hidden, student_weight, student_bias, teacher, mask, spec, need):
@@ -567,6 +119,11 @@ def _resolve(divergence: str, beta: float, alpha: float) -> str:
         if alpha == 1.0:
             return "zero"
     return kind
+
+
+def _check_tail(kind: str, sparse: bool, tail: str) -> None:
+    if sparse and tail == "renormalize" and kind != "forward_kl":
+        raise ValueError("tail='renormalize' supports the forward KL only (the teacher's tail is 0)")
 
 
 def _check(
@@ -677,8 +234,7 @@ def fused_linear_divergence(
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     sparse = isinstance(teacher_hidden, SparseTargets)
-    if sparse and tail == "renormalize" and kind != "forward_kl":
-        raise ValueError("tail='renormalize' supports the forward KL only (the teacher's tail is 0)")
+    _check_tail(kind, sparse, tail)
     for name, size in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
         if size is not None and size < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
@@ -725,13 +281,8 @@ def linear_divergence_reference(
     """
     kind = _resolve(divergence, beta, alpha)
     sparse = isinstance(teacher_hidden, SparseTargets)
-    if sparse and tail == "renormalize" and kind != "forward_kl":
-        raise ValueError("tail='renormalize' supports the forward KL only (the teacher's tail is 0)")
-    dtype = (
-        torch.float64
-        if student_hidden.dtype == torch.float64 or student_weight.dtype == torch.float64
-        else torch.float32
-    )
+    _check_tail(kind, sparse, tail)
+    dtype = compute_dtype(student_hidden, student_weight)
     bias = student_bias.to(dtype) if student_bias is not None else None
     student = torch.nn.functional.linear(student_hidden.to(dtype), student_weight.to(dtype), bias)
     if kind == "zero":

@@ -39,7 +39,7 @@ class Progress:
 @dataclass(frozen=True)
 class HeadInputs:
     """A model's output layer and what it reads: logits = hidden @ weight.T + bias, never built whole
-    (the trainer's fused path for large vocabularies; see `distill.train.fused`)."""
+    (the trainer's fused path for large vocabularies; see `distill.heads`)."""
 
     hidden: Tensor  # (..., H)
     weight: Tensor  # (V, H)

@@ -85,7 +85,7 @@ class SourceSpec(Section):
     def _onpolicy_params(self) -> SourceSpec:
         if self.name not in ("dataset", "teacher_generations"):
             from distill.errors import UserError
-            from distill.onpolicy.sources import check_source
+            from distill.sources import check_source
 
             try:
                 check_source(self.name, self.params)
@@ -162,6 +162,11 @@ class OutputSpec(Section):
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
+    task: str | None = Field(
+        default=None,
+        description="the kind of problem (`distill.tasks`: classification, causal_lm, ...); None: the task "
+        "that claims the recipe's data and student, else classification",
+    )
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec | None = None
     student: ModelSpec

@@ -227,3 +227,14 @@ def load_checkpoint(
     objectives.load_state_dict(tensors["objectives"])
     restore_rng(tensors["rng"], state["rng"])
     return Checkpoint(path, state)
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """A LambdaLR's state without its functions (rebuilt from the recipe on resume)."""
+    state = scheduler.state_dict()
+    state.pop("lr_lambdas", None)
+    return state
+
+
+def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
+    scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})

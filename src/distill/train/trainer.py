@@ -1,179 +1,51 @@
-"""The one training loop: a frozen teacher, a student, weighted objectives, on Hugging Face Accelerate.
+"""The one training loop: a teacher (`distill.teachers`), a student, weighted objectives, on Accelerate.
 
-The teacher is put in eval mode, frozen, run under `torch.inference_mode()` and never handed to the
-optimizer or to DDP. Data order depends only on (seed, epoch), and checkpoints carry weights, optimizer,
-scheduler, objective state and RNG, so a resumed run ends with the metrics of an uninterrupted one.
+A teacher stays frozen, in eval mode, under `torch.inference_mode()`, outside the optimizer and DDP, unless
+it is co-trained (its own parameter group, its loss in the same backward pass). The step's forward passes
+are assembled in `distill.train.step`, logs written by `distill.train.logs`. Data order depends only on
+(seed, epoch); checkpoints carry weights, optimizer, scheduler, objective (and EMA or co-trained teacher)
+state and RNG, so a resumed run ends with the metrics of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from distill.cache.indexed import rows_per_sample
 from distill.errors import NonFiniteLossError, UserError
-from distill.io import atomic_write_json, atomic_write_text
 from distill.metrics import classification_metrics
-from distill.models.adapters import logits_of
-from distill.models.hooks import FeatureHooks
-from distill.objectives import HeadInputs, Objective, StepOutputs, build_objective
 from distill.objectives import Progress as TrainProgress
-from distill.train.checkpoint import full_states, latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.train.fused import head_inputs, hidden_only, logits_come_from_layer, output_layer
+from distill.objectives.terms import BatchTransform, TermLike, as_term
+from distill.teachers import Teacher, as_teacher
+from distill.train.batches import counted_rows, make_loader, predict, split_batch
+from distill.train.checkpoint import (
+    full_states,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_scheduler,
+    save_checkpoint,
+    scheduler_state,
+)
+from distill.train.config import FitResult, TrainerConfig, allow_mixed_precision
+from distill.train.logs import RunLog, progress_bar
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from distill.train.sampler import EpochSampler
 from distill.train.seeding import seed_everything
 from distill.train.signals import StopRequest, TrainingInterrupted, stop_on_signals
+from distill.train.step import StepAssembler
 
 if TYPE_CHECKING:
     from distill.cache.store import TeacherCache
-
-
-@dataclass
-class Term:
-    """One weighted objective. `warmup_epochs` ramps the weight linearly from 0 (DKD's warm-up)."""
-
-    objective: str | Objective
-    weight: float = 1.0
-    params: dict[str, Any] | None = None
-    warmup_epochs: float = 0.0
-    label: str | None = None
-
-    def build(self) -> tuple[str, Objective]:
-        if isinstance(self.objective, Objective):
-            return self.label or type(self.objective).__name__, self.objective
-        return self.label or self.objective, build_objective(self.objective, self.params)
-
-    def weight_at(self, epoch: float) -> float:
-        if self.warmup_epochs <= 0:
-            return self.weight
-        return self.weight * min(1.0, epoch / self.warmup_epochs)
-
-
-# (batch, unwrapped student, progress) -> batch
-BatchTransform = Callable[[Any, nn.Module, TrainProgress], Any]
-
-TermLike = Term | tuple[Any, ...] | str | Objective
-
-
-def as_term(spec: TermLike) -> Term:
-    """Accept `Term`, `"name"`, an `Objective`, `(name, weight)` or `(name, weight, params)`."""
-    if isinstance(spec, Term):
-        return spec
-    if isinstance(spec, str | Objective):
-        return Term(spec)
-    return Term(*spec)
-
-
-@dataclass
-class TrainerConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 512
-    grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    max_grad_norm: float | None = None
-    checkpoint_every: int = (
-        0  # optimizer steps between checkpoints; 0 = at the end of every epoch (always at the end)
-    )
-    keep_checkpoints: int = 2
-    eval_every: int = 1  # epochs
-    log_every: int = 10  # optimizer steps
-    nonfinite: Literal["stop", "skip"] = "stop"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    progress: bool = True
-    tensorboard: bool = True
-    stop_after_steps: int | None = None  # end early (tests of resume, smoke runs); None = train to the end
-    # "auto": hidden states and output layers in place of logits when the models and every objective allow
-    # it (`distill.train.fused`); "on": that or an error saying why not; "off": always the dense logits.
-    fused_loss: Literal["auto", "on", "off"] = "auto"
-
-
-@dataclass
-class FitResult:
-    final: dict[str, float]  # metrics at the last epoch
-    best: dict[str, float]  # metrics at the epoch of best accuracy
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
-    train_seconds: float = 0.0
-    steps: int = 0
-    completed: bool = True
-    run_dir: Path | None = None
-    loss_path: str = "dense"  # "fused" when the step never built the logits (`distill.train.fused`)
-
-
-def _make_loader(
-    data: Dataset | DataLoader, batch_size: int, *, seed: int, shuffle: bool, acc: Accelerator
-) -> DataLoader:
-    if isinstance(data, DataLoader):
-        return data
-    if len(data) == 0:  # type: ignore[arg-type]
-        raise UserError("data: the training set is empty" if shuffle else "data: the evaluation set is empty")
-    # Training data is sharded across processes; every process evaluates the whole evaluation set, so the
-    # metrics need no gathering (and rank 0 alone writes them).
-    sampler = EpochSampler(
-        len(data),  # type: ignore[arg-type]
-        seed=seed,
-        shuffle=shuffle,
-        rank=acc.process_index if shuffle else 0,
-        world_size=acc.num_processes if shuffle else 1,
-    )
-    # A private generator: iterating a DataLoader otherwise draws a seed from the global RNG, which would
-    # shift dropout masks after a mid-epoch resume. A data set with a `collate_fn` attribute (token
-    # sequences padded per batch) brings its own collation.
-    return DataLoader(
-        data,
-        batch_size=batch_size,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=getattr(data, "collate_fn", None),
-    )
-
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-
-
-def split_batch(batch: Any) -> tuple[Any, Tensor | None, Tensor | None]:
-    """(inputs, labels, mask) from a tuple `(x, y)` / `(x, y, mask)` or a dict with those keys.
-
-    A dict with `input_ids` (and no `inputs`) is a language-model batch: its model inputs (`input_ids`,
-    `attention_mask`, ...) stay a dict and are passed to the model as keyword arguments."""
-    if isinstance(batch, dict):
-        if "inputs" not in batch and "input_ids" in batch:
-            inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-            return inputs, batch.get("labels"), batch.get("mask")
-        return batch.get("inputs", batch.get("input_ids")), batch.get("labels"), batch.get("mask")
-    if isinstance(batch, list | tuple):
-        return batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None
-    return batch, None, None
-
-
-def _allow_mixed_precision(mixed_precision: str) -> None:
-    """Accelerate keeps one mixed-precision setting per process and refuses an Accelerator with another; a
-    run trains its teacher in float32 and may then train students in bf16, so the per-process accelerator
-    state (not the process group) is dropped when the setting changes."""
-    from accelerate.state import AcceleratorState
-
-    # Private Accelerate API (stable since 0.2x); without it the Accelerator's own error stands.
-    shared = getattr(AcceleratorState, "_shared_state", None)
-    reset = getattr(AcceleratorState, "_reset_state", None)
-    if shared and reset and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
-        reset()
 
 
 class Trainer:
@@ -182,7 +54,7 @@ class Trainer:
         student: nn.Module,
         train_data: Dataset | DataLoader,
         *,
-        teacher: nn.Module | None = None,
+        teacher: Teacher | nn.Module | None = None,
         eval_data: Dataset | DataLoader | None = None,
         objectives: Sequence[TermLike] = ("cross_entropy",),
         optimizer: OptimizerConfig | None = None,
@@ -196,9 +68,9 @@ class Trainer:
         teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.config = config or TrainerConfig()
-        # A teacher cache stands in for the live teacher: its top-k targets are looked up by the batch's
-        # sample ids (`distill.cache.IndexedDataset` adds them).
-        self.teacher_cache = teacher_cache
+        # Every kind of teacher behind one interface (`distill.teachers`): a model is frozen, a cache's top-k
+        # targets are looked up by the batch's sample ids (`distill.cache.IndexedDataset` adds them).
+        self.teacher = as_teacher(teacher, teacher_cache)
         # `batch_transform(batch, student, progress) -> batch` rewrites each training micro-batch before the
         # forward passes (on-policy sources replace the completions with the student's own rollouts).
         self.batch_transform = batch_transform
@@ -217,7 +89,7 @@ class Trainer:
         device = cfg.device
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("trainer.device is 'cuda' but no CUDA device is available")
-        _allow_mixed_precision(cfg.mixed_precision)
+        allow_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
 
@@ -228,23 +100,25 @@ class Trainer:
         self.term_names = self._unique([name for name, _ in built])
         self.objectives = nn.ModuleList([obj for _, obj in built]).to(self.device)
         needs_teacher = any(o.needs_teacher for o in self.objectives)
-        if teacher_cache is not None:
-            teacher_cache.check_objectives(self.term_names, list(self.objectives))
-        elif needs_teacher and teacher is None:
+        if self.teacher is not None:
+            self.teacher.check_objectives(self.term_names, list(self.objectives))
+        elif needs_teacher:
             names = [n for n, o in zip(self.term_names, self.objectives, strict=True) if o.needs_teacher]
             raise UserError(f"objectives {', '.join(names)} need a teacher, but none was given")
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.to(self.device).eval().requires_grad_(False)
+        if self.teacher is not None and self.teacher.trainable and self.accelerator.num_processes > 1:
+            raise UserError("a co-trained teacher trains in one process only (it is not wrapped in DDP)")
+        teacher_layers = sorted({p for o in self.objectives for p in o.teacher_layers})
+        if self.teacher is not None:
+            self.teacher.attach(self.device, self.accelerator.autocast, teacher_layers)
 
         seed_everything(cfg.seed)
-        self.train_loader = _make_loader(
+        self.train_loader = make_loader(
             train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, acc=self.accelerator
         )
         self.eval_loader = (
             None
             if eval_data is None
-            else _make_loader(
+            else make_loader(
                 eval_data, cfg.eval_batch_size, seed=cfg.seed, shuffle=False, acc=self.accelerator
             )
         )
@@ -255,30 +129,40 @@ class Trainer:
         student.to(self.device)
         trainable = [p for p in student.parameters() if p.requires_grad]
         trainable += [p for p in self.objectives.parameters() if p.requires_grad]
-        if teacher is not None and {id(p) for p in teacher.parameters()} & {id(p) for p in trainable}:
+        teacher_module = self.teacher.module if self.teacher is not None else None
+        if teacher_module is not None and {id(p) for p in teacher_module.parameters()} & {
+            id(p) for p in trainable
+        }:
             raise UserError("the teacher and the student share parameters; the teacher must stay frozen")
-        optimizer_ = build_optimizer(trainable, self.optimizer_config)
+        groups: list[Any] = [{"params": trainable}]
+        if self.teacher is not None and self.teacher.trainable:  # only a co-trained teacher learns
+            groups.append({"params": self.teacher.trainable_parameters(), **self.teacher.optimizer_options()})
+        optimizer_ = build_optimizer(groups, self.optimizer_config)
         self.scheduler = build_scheduler(optimizer_, self.schedule_config, self.total_steps)
         # The scheduler is stepped by hand once per optimizer step (Accelerate's wrapper would step it once
         # per process); the loaders are ours because their order must survive a resume.
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer_)
-        self.student_hooks = FeatureHooks(
-            self.student, sorted({p for o in self.objectives for p in o.student_layers})
+        self.step = StepAssembler(
+            self.accelerator,
+            self.student,
+            self.teacher,
+            list(self.objectives),
+            self.term_names,
+            cfg.fused_loss,
         )
-        self.teacher_layers = sorted({p for o in self.objectives for p in o.teacher_layers})
-        self.teacher_hooks = (
-            FeatureHooks(teacher, self.teacher_layers, detach=True) if teacher is not None else None
+        self.log = RunLog(
+            self.run_dir, main_process=self.accelerator.is_main_process, tensorboard=cfg.tensorboard
         )
         self._teacher_eval_logits: Tensor | None = None
-        self._writer: Any = None
-        # None until the first step has probed the models (`_fused_layers`); then the output layers or False.
-        self._fused: tuple[nn.Linear, nn.Linear | None] | bool | None = None
-        self.loss_path = "dense"
-        refusal = self._fused_refusal() if cfg.fused_loss != "off" else "trainer.fused_loss is 'off'"
-        if refusal is not None and cfg.fused_loss == "on":
-            raise UserError(f"trainer.fused_loss is 'on' but {refusal}")
-        if refusal is not None:
-            self._fused = False
+        # Checkpoints keep the objectives' state and, for an EMA or co-trained teacher, the teacher's.
+        teacher_state = self.teacher.state_module() if self.teacher is not None else None
+        self.saved_state = nn.ModuleList(
+            [*self.objectives, teacher_state] if teacher_state is not None else list(self.objectives)
+        )
+
+    @property
+    def loss_path(self) -> str:
+        return self.step.loss_path
 
     @staticmethod
     def _unique(names: list[str]) -> list[str]:
@@ -289,215 +173,25 @@ class Trainer:
             out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
         return out
 
-    # ---------------------------------------------------------------- forward passes
-    def _teacher_forward(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        assert self.teacher is not None and self.teacher_hooks is not None
-        with torch.inference_mode(), self.accelerator.autocast():
-            logits = logits_of(_call(self.teacher, inputs))
-        # Inference tensors cannot be saved for backward; a clone outside inference mode can.
-        features = {k: v.clone() for k, v in self.teacher_hooks.features.items()}
-        self.teacher_hooks.clear()
-        return logits.clone(), features
-
-    # ---------------------------------------------------------------- the fused large-vocabulary path
-    def _needs_teacher(self) -> bool:
-        return any(o.needs_teacher for o in self.objectives)
-
-    def _fused_refusal(self) -> str | None:
-        """Why the fused path cannot serve this run, or None when it may (the first batch probes models)."""
-        dense = [n for n, o in zip(self.term_names, self.objectives, strict=True) if not o.fused_capable]
-        if dense:
-            many = len(dense) > 1
-            return f"objective{'s' * many} {', '.join(dense)} need{'s' * (not many)} the full logits"
-        if output_layer(self.accelerator.unwrap_model(self.student)) is None:
-            return "the student has no plain linear output layer (get_output_embeddings)"
-        live_teacher = self._needs_teacher() and self.teacher_cache is None
-        if live_teacher and (self.teacher is None or output_layer(self.teacher) is None):
-            return "the teacher has no plain linear output layer (get_output_embeddings)"
-        return None
-
-    def _fused_layers(self, inputs: Any) -> tuple[nn.Linear, nn.Linear | None] | None:
-        """The student's and teacher's output layers when this step takes the fused path, else None.
-
-        The first call probes each model on one sequence of `inputs`: its logits must be its output layer's
-        output, unchanged (`distill.train.fused.logits_come_from_layer`)."""
-        if self._fused is None:
-            student = self.accelerator.unwrap_model(self.student)
-            live_teacher = self.teacher if self._needs_teacher() and self.teacher_cache is None else None
-            models = [("student", student, output_layer(student))]
-            if live_teacher is not None:
-                models.append(("teacher", live_teacher, output_layer(live_teacher)))
-            # In eval mode: the probe is no training pass (no dropout draws, so a resumed run that probes
-            # again keeps the random stream of an uninterrupted one; pass counters skip it).
-            student.eval()
-            try:
-                failed = [
-                    role
-                    for role, model, layer in models
-                    if layer is None or not logits_come_from_layer(model, layer, inputs)
-                ]
-            finally:
-                student.train()
-            if failed:
-                reason = (
-                    f"the {' and '.join(failed)} logits are not its output layer's output (post-processed)"
-                )
-                if self.config.fused_loss == "on":
-                    raise UserError(f"trainer.fused_loss is 'on' but {reason}")
-                warnings.warn(f"{reason}: the loss uses the dense logits", stacklevel=2)
-                self._fused = False
-            else:
-                layers = [layer for _, _, layer in models if layer is not None]
-                self._fused = (layers[0], layers[1] if len(layers) > 1 else None)
-                self.loss_path = "fused"
-        return self._fused or None
-
-    def _teacher_head(self, inputs: Any, layer: nn.Linear) -> HeadInputs:
-        assert self.teacher is not None and self.teacher_hooks is not None
-        with torch.inference_mode(), self.accelerator.autocast(), hidden_only(layer) as kept:
-            _call(self.teacher, inputs)
-        self.teacher_hooks.clear()
-        return head_inputs(self.teacher, layer, kept, detach=True)
-
-    def _cached_features(self, index: Tensor, rows: Tensor | None, mask: Tensor | None) -> dict[str, Tensor]:
-        """The teacher layers' outputs from the cache, shaped as the live teacher's: a language model's
-        counted-token rows go back to their (batch, time) places (zeros elsewhere, which the mask skips)."""
-        assert self.teacher_cache is not None
-        cached = self.teacher_cache.features(index.cpu(), self.teacher_layers, rows)
-        features = {}
-        for layer, value in cached.items():
-            if mask is not None:
-                full = value.new_zeros((*mask.shape, *value.shape[1:]))
-                full[mask.cpu()] = value
-                value = full
-            features[layer] = value.to(self.device)
-        return features
-
-    def _step_outputs(
-        self,
-        inputs: Any,
-        labels: Tensor | None,
-        mask: Tensor | None,
-        progress: TrainProgress,
-        index: Tensor | None = None,
-    ) -> StepOutputs:
-        layers = self._fused_layers(inputs) if self._fused is not False else None
-        teacher_logits, teacher_features, teacher_topk, teacher_head = None, {}, None, None
-        needs_teacher = self._needs_teacher()
-        if self.teacher is not None and needs_teacher:
-            if layers is not None and layers[1] is not None:
-                teacher_head = self._teacher_head(inputs, layers[1])
-            else:
-                teacher_logits, teacher_features = self._teacher_forward(inputs)
-        elif self.teacher_cache is not None and needs_teacher:
-            if index is None:
-                raise UserError("a teacher cache needs batches with sample ids (IndexedDataset)")
-            rows = rows_per_sample(mask, len(index))
-            teacher_topk = self.teacher_cache.targets(index.cpu(), rows)
-            if self.teacher_layers:
-                teacher_features = self._cached_features(index, rows, mask)
-        student_head = None
-        with self.accelerator.autocast():
-            if layers is None:
-                student_logits = logits_of(_call(self.student, inputs))
-            else:  # the logits come back empty; the losses read the output layer's input instead
-                with hidden_only(layers[0]) as kept:
-                    student_logits = logits_of(_call(self.student, inputs))
-                student = self.accelerator.unwrap_model(self.student)
-                student_head = head_inputs(student, layers[0], kept, detach=False)
-        features = dict(self.student_hooks.features)
-        self.student_hooks.clear()
-        return StepOutputs(
-            student_logits=student_logits,
-            teacher_logits=teacher_logits,
-            labels=labels,
-            mask=mask,
-            student_features=features,
-            teacher_features=teacher_features,
-            progress=progress,
-            teacher_topk=teacher_topk,
-            student_head=student_head,
-            teacher_head=teacher_head,
-        )
-
     def _to_device(self, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: self._to_device(v) for k, v in value.items()}
         return value.to(self.device, non_blocking=True) if isinstance(value, Tensor) else value
 
     # ---------------------------------------------------------------- evaluation
-    @torch.inference_mode()
-    def _predict(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        assert self.eval_loader is not None
-        was_training = model.training
-        model.eval()
-        logits, labels = [], []
-        for batch in self.eval_loader:
-            inputs, y, _ = split_batch(batch)
-            with self.accelerator.autocast():
-                logits.append(logits_of(_call(model, self._to_device(inputs))).float().cpu())
-            labels.append(y)
-        model.train(was_training)
-        return torch.cat(logits), torch.cat(labels)
-
     def evaluate(self) -> dict[str, float]:
+        teacher = self.teacher.module if self.teacher is not None else None
         if self.evaluator is not None:
-            return self.evaluator(self.accelerator.unwrap_model(self.student), self.teacher)
+            return self.evaluator(self.accelerator.unwrap_model(self.student), teacher)
         if self.eval_loader is None:
             return {}
-        if self.teacher is not None and self._teacher_eval_logits is None:
-            self._teacher_eval_logits, _ = self._predict(self.teacher)
-        logits, labels = self._predict(self.student)
+        if teacher is not None and self.teacher is not None and not self.teacher.trainable:
+            if self._teacher_eval_logits is None:  # a frozen teacher's predictions never change
+                self._teacher_eval_logits, _ = predict(teacher, self.eval_loader, self.accelerator)
+        elif teacher is not None:
+            self._teacher_eval_logits, _ = predict(teacher, self.eval_loader, self.accelerator)
+        logits, labels = predict(self.student, self.eval_loader, self.accelerator)
         return classification_metrics(logits, labels, self._teacher_eval_logits)
-
-    # ---------------------------------------------------------------- logging
-    def _log(self, row: dict[str, Any]) -> None:
-        if self.run_dir is None or not self.accelerator.is_main_process:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            prefix = row["kind"]
-            for key, value in row.items():
-                if isinstance(value, int | float) and key not in {"step", "kind"}:
-                    self._writer.add_scalar(f"{prefix}/{key}", value, row["step"])
-
-    def _open_logs(self, resumed_step: int | None) -> None:
-        if self.run_dir is None or not self.accelerator.is_main_process:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = self.run_dir / "metrics.jsonl"
-        if resumed_step is not None and log.exists():
-            # Drop what was logged after the checkpoint: those steps are about to run again.
-            kept = [
-                line
-                for line in log.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resumed_step
-            ]
-            atomic_write_text(log, "".join(line + "\n" for line in kept))
-        elif resumed_step is None:
-            atomic_write_text(log, "")
-        if self.config.tensorboard:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _write_summary(self, result: FitResult) -> None:
-        if self.run_dir is None or not self.accelerator.is_main_process:
-            return
-        rows = result.history
-        if rows:
-            keys = list(dict.fromkeys(k for row in rows for k in row))
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-            atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
-        if result.completed:
-            summary = asdict(result)
-            summary["run_dir"] = str(self.run_dir)
-            atomic_write_json(self.run_dir / "final.json", summary)
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self, state: dict[str, Any]) -> None:
@@ -508,15 +202,13 @@ class Trainer:
         states = full_states(model, self.optimizer)
         if not self.accelerator.is_main_process:
             return
-        scheduler_state = self.scheduler.state_dict()
-        scheduler_state.pop("lr_lambdas", None)
         save_checkpoint(
             self.run_dir,
             step=state["step"],
             model=model,
             optimizer=self.optimizer,
-            objectives=self.objectives,
-            state={**state, "scheduler": scheduler_state, "fingerprint": self.fingerprint},
+            objectives=self.saved_state,
+            state={**state, "scheduler": scheduler_state(self.scheduler), "fingerprint": self.fingerprint},
             keep=self.config.keep_checkpoints,
             states=states,
         )
@@ -529,12 +221,10 @@ class Trainer:
             path,
             model=self.accelerator.unwrap_model(self.student),
             optimizer=self.optimizer,
-            objectives=self.objectives,
+            objectives=self.saved_state,
             fingerprint=self.fingerprint,
         )
-        scheduler_state = checkpoint.state["scheduler"]
-        scheduler_state["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
-        self.scheduler.load_state_dict(scheduler_state)
+        restore_scheduler(self.scheduler, checkpoint.state["scheduler"])
         return checkpoint.state
 
     # ---------------------------------------------------------------- the loop
@@ -562,19 +252,11 @@ class Trainer:
         restored = self._restore() if resume else None
         if restored is not None:
             state.update({k: restored[k] for k in state})
-        self._open_logs(restored["step"] if restored is not None else None)
+        self.log.open(restored["step"] if restored is not None else None)
 
         self.student.train()
         stop_requested = False
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            disable=not (cfg.progress and self.accelerator.is_main_process),
-            transient=True,
-        )
+        bar = progress_bar(cfg.progress and self.accelerator.is_main_process)
         with bar, stop_on_signals() as stop:
             task = bar.add_task(self.label, total=self.total_steps, completed=state["step"], status="")
             while state["epoch"] < cfg.epochs and not stop_requested:
@@ -635,11 +317,6 @@ class Trainer:
                 yield window
                 window = []
 
-    def _counted_rows(self, inputs: Any, mask: Tensor | None) -> int:
-        if mask is not None:
-            return int(mask.sum())
-        return len(inputs) if not isinstance(inputs, dict) else len(next(iter(inputs.values())))
-
     def _train_window(
         self, window: list[Any], weights: list[float], progress: TrainProgress
     ) -> Tensor | None:
@@ -657,7 +334,7 @@ class Trainer:
             window = [self.batch_transform(self._to_device(batch), student, progress) for batch in window]
         micro = [tuple(self._to_device(v) for v in split_batch(batch)) for batch in window]
         indices = [batch.get("index") if isinstance(batch, dict) else None for batch in window]
-        counts = [self._counted_rows(inputs, mask) for inputs, _, mask in micro]
+        counts = [counted_rows(inputs, mask) for inputs, _, mask in micro]
         window_rows = torch.tensor(float(sum(counts)), device=self.device)
         if self.accelerator.num_processes > 1:
             window_rows = self.accelerator.reduce(window_rows, reduction="sum")
@@ -669,7 +346,7 @@ class Trainer:
                 continue
             last = index == len(micro) - 1
             sync = contextlib.nullcontext() if last or world == 1 else self.accelerator.no_sync(self.student)
-            outputs = self._step_outputs(inputs, labels, mask, progress, indices[index])
+            outputs = self.step(inputs, labels, mask, progress, indices[index])
             if rows == 0:  # rows count on another process: a zero backward keeps DDP's all-reduce in step
                 with sync:
                     self.accelerator.backward(outputs.student_logits.float().nan_to_num(0, 0, 0).sum() * 0)
@@ -681,6 +358,9 @@ class Trainer:
                 self._optimizer_step(skip=True)
                 return None
             loss = sum(w * v for w, v in zip(weights, values, strict=True))
+            own = self.teacher.loss(outputs) if self.teacher is not None else None
+            if own is not None:  # a co-trained teacher learns in the same backward pass
+                loss = loss + own
             with sync:
                 self.accelerator.backward(loss * (rows * world / window_rows))
             values_sum += detached * rows
@@ -717,6 +397,8 @@ class Trainer:
             if self.config.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
+            if self.teacher is not None:
+                self.teacher.after_optimizer_step(self.accelerator.unwrap_model(self.student))
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -726,7 +408,7 @@ class Trainer:
         row = {"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": total}
         row |= {f"loss/{n}": v for n, v in zip(self.term_names, values.tolist(), strict=True)}
         row["lr"] = self.scheduler.get_last_lr()[0]
-        self._log(row)
+        self.log.write(row)
 
     def _end_epoch(self, state: dict[str, Any]) -> None:
         epoch = state["epoch"] + 1
@@ -740,7 +422,7 @@ class Trainer:
         if epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
             row |= self.evaluate()
         state["history"].append(row)
-        self._log(row)
+        self.log.write(row)
         state.update(epoch=epoch, batch=0, epoch_loss_sum=0.0, epoch_batches=0)
 
     def _result(self, state: dict[str, Any], *, completed: bool) -> FitResult:
@@ -758,25 +440,17 @@ class Trainer:
             run_dir=self.run_dir,
             loss_path=self.loss_path,
         )
-        self._write_summary(result)
-        if self._writer is not None:
-            self._writer.close()
-        self.student_hooks.remove()
-        if self.teacher_hooks is not None:
-            self.teacher_hooks.remove()
+        self.log.summary(result)
+        self.log.close()
+        self.step.remove_hooks()
         return result
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """A model on its inputs: a dict (a language-model batch) is passed as keyword arguments."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def fit(
     student: nn.Module,
     train_data: Dataset | DataLoader,
     *,
-    teacher: nn.Module | None = None,
+    teacher: Teacher | nn.Module | None = None,
     eval_data: Dataset | DataLoader | None = None,
     objectives: Sequence[TermLike] = ("cross_entropy",),
     optimizer: OptimizerConfig | None = None,
@@ -790,7 +464,8 @@ def fit(
     teacher_cache: TeacherCache | None = None,
     **config: Any,
 ) -> FitResult:
-    """Train `student` on `train_data` with `objectives`, distilling from `teacher` if given.
+    """Train `student` on `train_data` with `objectives`, distilling from `teacher` if given: a model (kept
+    frozen) or any `distill.teachers.Teacher` (ensemble, router, co-trained peer, EMA of the student).
 
     Keyword arguments beyond these are `TrainerConfig` fields (`epochs=30`, `batch_size=32`, ...).
     Objectives: names (`"hinton_kd"`), `(name, weight)`, `(name, weight, params)`, `Term`s or objects.

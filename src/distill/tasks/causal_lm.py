@@ -1,0 +1,336 @@
+"""Causal language models: any Hugging Face `AutoModelForCausalLM` (a folder, a config, LoRA), text / jsonl /
+chat data tokenised with the student's tokenizer, per-token metrics, and the sources a method may train on:
+the data set, the teacher's generations (sequence-level KD) or the on-policy sources of `distill.sources`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from distill.cache import IndexedDataset, TeacherCache
+from distill.data import build_data
+from distill.data.text import LMData, LMDataset
+from distill.data.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
+from distill.errors import UserError
+from distill.io import cache_root, fingerprint, load_tensors
+from distill.models import count_parameters
+from distill.models.causal_lm import build_causal_lm, special_token_ids
+from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, SourceSpec
+from distill.runfolder import RunFolder
+from distill.sources import ONPOLICY_SOURCES, SourcePlan
+from distill.sources.generations import GenerationSettings, teacher_generations, tokenizer_fingerprint
+from distill.tasks.base import TASKS, MethodPlan, SeedPlan, Task, TaskSetup
+from distill.tasks.causal_lm_eval import LMEvaluator, describe_metrics
+from distill.tasks.results import ExperimentResult, TeacherInfo
+from distill.tasks.teacher_cache import (
+    CacheSource,
+    cache_teacher_info,
+    dataset_fingerprint,
+    open_recipe_cache,
+)
+from distill.tasks.teacher_store import fit_or_load_teacher, load_weights, teacher_spec_identity
+from distill.teachers import CachedTeacher
+from distill.train import FitResult, Term
+from distill.train.seeding import seed_everything
+
+LM_DATA_SETS = ("text", "jsonl", "json", "csv", "parquet", "arithmetic", "tinyshakespeare")
+LM_MODELS = ("hf", "causal_lm")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TEACHER_FORMAT = 1
+
+
+def _model_tokenizer(spec: ModelSpec | None) -> Any:
+    """The tokenizer a model spec names (`params.tokenizer`) or that its folder holds; None if neither."""
+    if spec is None:
+        return None
+    if spec.params.get("tokenizer") is not None:
+        return load_tokenizer(spec.params["tokenizer"])
+    path = spec.params.get("path")
+    if path is not None and any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        return load_tokenizer(path)
+    return None
+
+
+def build_lm_model(spec: ModelSpec, tokenizer: Any, role: str, *, for_training: bool = False) -> nn.Module:
+    """The model of a recipe spec; a config takes its vocabulary size and special ids from the tokenizer.
+    `for_training` builds a teacher in float32 (its `dtype` applies after training)."""
+    params = {k: v for k, v in spec.params.items() if k != "tokenizer"}
+    if for_training:
+        params.pop("dtype", None)
+    unknown = set(params) - {"config", "path", "dtype", "lora"}
+    if unknown:
+        raise UserError(
+            f"{role}.params: unknown key '{sorted(unknown)[0]}'; valid: config, path, dtype, lora, tokenizer"
+        )
+    model = build_causal_lm(**params, vocab_size=len(tokenizer), special_tokens=special_token_ids(tokenizer))
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint, role)
+    return model
+
+
+def _teacher_key(recipe: Recipe, tokenizer: Any) -> str:
+    spec = recipe.teacher
+    assert spec is not None
+    return fingerprint(
+        {
+            "model": teacher_spec_identity(spec),
+            "data": recipe.data.model_dump(mode="json"),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "format": TEACHER_FORMAT,
+        }
+    )
+
+
+def obtain_lm_teacher(
+    recipe: Recipe, data: LMData, folder: RunFolder, progress: bool, evaluator: LMEvaluator
+) -> tuple[nn.Module, TeacherInfo]:
+    """A folder's or checkpoint's teacher as it is; a config's teacher trained with cross-entropy on the
+    training split (cached by content in `$DISTILL_CACHE/lm-teachers`)."""
+    spec = recipe.teacher
+    assert spec is not None
+    tokenizer = data.tokenizer
+    seed_everything(spec.train.seed)
+    if spec.params.get("path") is not None or spec.checkpoint is not None:
+        teacher = build_lm_model(spec, tokenizer, "teacher")
+        return teacher, TeacherInfo("checkpoint", count_parameters(teacher), {}, 0.0, [])
+    teacher = build_lm_model(spec, tokenizer, "teacher", for_training=True)
+    key = _teacher_key(recipe, tokenizer)
+    cached = cache_root() / "lm-teachers" / key
+    info = fit_or_load_teacher(
+        teacher,
+        recipe,
+        data.train,
+        cached,
+        folder,
+        progress,
+        load=lambda model, weights: model.load_state_dict(load_tensors(weights), strict=False),
+        eval_every=spec.train.epochs,
+        evaluator=evaluator,
+    )
+    dtype = spec.params.get("dtype")
+    if dtype is not None:
+        teacher = teacher.to({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32))
+    return teacher, info
+
+
+def _source_data(
+    source: SourceSpec,
+    data: LMData,
+    teacher: nn.Module | None,
+    out_dir: Path,
+    cache: dict[str, tuple[LMDataset, dict[str, Any]]],
+    method: str,
+) -> tuple[LMDataset, dict[str, Any]]:
+    if source.name == "dataset":
+        return data.train, {}  # type: ignore[return-value]
+    if teacher is None:
+        raise UserError(f"method '{method}': source 'teacher_generations' needs a teacher")
+    settings = GenerationSettings.from_params(source.params)
+    key = json.dumps(source.params, sort_keys=True)
+    if key not in cache:
+        if settings.max_new_tokens is None and data.layout == "text":
+            settings = GenerationSettings(**{**source.params, "fixed_length": True})
+        examples, info = teacher_generations(
+            teacher,
+            data.tokenizer,
+            data.train.examples,  # type: ignore[attr-defined]
+            settings,
+            cache_dir=cache_root(),
+            run_dir=out_dir,
+        )
+        if not examples:
+            raise UserError(f"method '{method}': the teacher generated no token to learn from")
+        cache[key] = (LMDataset(examples, data.train.pad_id), info)  # type: ignore[attr-defined]
+    return cache[key]
+
+
+@dataclass
+class LMSetup:
+    """What every language-model run (and `distill cache`) starts from."""
+
+    data: LMData
+    tokenizer: Any
+    teacher: nn.Module | None
+    teacher_info: TeacherInfo | None
+    vocabulary: int | None
+    evaluator: LMEvaluator
+    cache: TeacherCache | None = None  # the recipe's teacher cache, standing in for `teacher`
+
+
+def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, console: Console) -> LMSetup:
+    """Tokenizer -> data -> vocabulary checks -> the frozen teacher (loaded, cached or trained). `folder`: the
+    run folder (claimed before a teacher trains into it) or, for `distill cache`, a scratch folder."""
+    run_folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    out_dir = run_folder.path
+    student_tokenizer = _model_tokenizer(recipe.student)
+    teacher_tokenizer = _model_tokenizer(recipe.teacher)
+    params = dict(recipe.data.params)
+    if student_tokenizer is not None:
+        params["tokenizer"] = student_tokenizer
+    elif params.get("tokenizer") is None:
+        if teacher_tokenizer is None:
+            raise UserError(
+                "no tokenizer: give student.params.tokenizer (a folder), a student folder with one, or "
+                "data.params.tokenizer (a folder or {bpe: {vocab_size: N}})"
+            )
+        params["tokenizer"] = teacher_tokenizer
+    data = build_data(recipe.data.name, **params)
+    if not isinstance(data, LMData):
+        raise UserError(f"data '{recipe.data.name}' is not a language-model data set")
+    tokenizer = data.tokenizer
+    console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
+
+    evaluator = LMEvaluator(data, batch_size=recipe.data.eval_batch_size)
+    # Tokenizers and vocabulary sizes are checked before any teacher is trained or loaded.
+    probe = build_lm_model(recipe.student, tokenizer, "student")
+    from_cache = recipe.teacher is not None and recipe.teacher.cache is not None
+    from_folder = recipe.teacher is not None and recipe.teacher.params.get("path") is not None
+    probe_teacher = (
+        build_lm_model(recipe.teacher, tokenizer, "teacher", for_training=True)
+        if recipe.teacher is not None and not (from_folder or from_cache)
+        else None
+    )
+    vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, probe_teacher, probe)
+    del probe_teacher
+    teacher, teacher_info = None, None
+    if from_cache:
+        cache = open_recipe_cache(
+            recipe,
+            data=dataset_fingerprint(data.train),
+            vocab=vocabulary,
+            tokenizer=tokenizer_fingerprint(tokenizer),
+        )
+        return LMSetup(data, tokenizer, None, cache_teacher_info(cache), vocabulary, evaluator, cache)
+    if recipe.teacher is not None:
+        teacher, teacher_info = obtain_lm_teacher(recipe, data, run_folder, progress, evaluator)
+    if from_folder:
+        vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, teacher, probe)
+    if teacher is not None:
+        slice_logits(teacher, vocabulary)
+        if teacher_info is not None and not teacher_info.metrics:
+            teacher_info.metrics = evaluator(teacher)
+        teacher.eval().requires_grad_(False)
+    del probe
+    return LMSetup(data, tokenizer, teacher, teacher_info, vocabulary, evaluator)
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+
+    def claims(self, recipe: Recipe) -> bool:
+        """A recipe is a language model's when its data set or its student is one."""
+        return recipe.data.name in LM_DATA_SETS or recipe.student.name in LM_MODELS
+
+    def check(self, recipe: Recipe) -> None:
+        """Every source is allowed (the schema validated their parameters)."""
+
+    def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
+        lm = prepare_lm_run(recipe, folder, progress=progress, console=console)
+        teacher: Any = CachedTeacher(lm.cache) if lm.cache is not None else lm.teacher
+        return TaskSetup(
+            lm.data,
+            lm.data.train,
+            teacher,
+            lm.teacher_info,
+            fit_settings={"evaluator": lm.evaluator},
+            extra={"lm": lm, "sources": {}, "samples": {}, "generations": {}},
+        )
+
+    def build_student(self, recipe: Recipe, setup: TaskSetup) -> nn.Module:
+        lm: LMSetup = setup.extra["lm"]
+        return slice_logits(build_lm_model(recipe.student, lm.tokenizer, "student"), lm.vocabulary)
+
+    def student_parameters(self, student: nn.Module) -> int:
+        return count_parameters(student, trainable_only=True)
+
+    def plan_method(
+        self, recipe: Recipe, method: MethodSpec, setup: TaskSetup, folder: RunFolder
+    ) -> MethodPlan:
+        lm: LMSetup = setup.extra["lm"]
+        source = method.source or recipe.source
+        onpolicy = None  # student rollouts, OPSD, SODA, MixSD: `distill.sources`
+        if source.name in ONPOLICY_SOURCES:
+            onpolicy = SourcePlan(
+                source.name, source.params, method.name, data=lm.data, teacher=lm.teacher, out_dir=folder.path
+            )
+            train_set, generation = onpolicy.train_set, onpolicy.info
+        else:
+            train_set, generation = _source_data(
+                source, lm.data, lm.teacher, folder.path, setup.extra["sources"], method.name
+            )
+        if generation:
+            setup.extra["generations"][method.name] = generation
+        train_tokens = train_set.counted_tokens()
+        if lm.cache is not None:
+            if train_set is not lm.data.train:
+                raise UserError(
+                    f"method '{method.name}': a teacher cache covers the data set, not '{source.name}'"
+                )
+            train_set = IndexedDataset(train_set)
+        epochs = recipe.trainer.epochs
+
+        def start(student: nn.Module, seed: int, terms: list[Term]) -> SeedPlan:
+            run = onpolicy.start(student, seed, terms) if onpolicy is not None else None
+
+            def finish(result: FitResult, epochs_: int) -> None:
+                seconds = max(result.train_seconds, 1e-9)
+                for row in (result.final, result.best):
+                    row["tokens_per_second"] = train_tokens * epochs / seconds
+                if run is not None:  # the tokens actually trained on, generation and teacher costs
+                    run.finish(result, epochs_)
+
+            if run is None:
+                return SeedPlan(train_set, setup.teacher, terms, finish=finish)
+            return SeedPlan(run.train_set, run.teacher, run.terms, run.batch_transform, finish)
+
+        return MethodPlan(train_set, generation, start)
+
+    def finish_seed(self, recipe: Recipe, method: MethodSpec, result: FitResult, setup: TaskSetup) -> None:
+        setup.extra["samples"][method.name] = list(setup.extra["lm"].evaluator.samples)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return describe_metrics(metrics) if "perplexity" in metrics else "not evaluated"
+
+    def result_extra(self, setup: TaskSetup) -> dict[str, Any]:
+        lm: LMSetup = setup.extra["lm"]
+        return {
+            "samples": setup.extra["samples"],
+            "generations": setup.extra["generations"],
+            "vocabulary": lm.vocabulary,
+        }
+
+    def cache_source(
+        self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console
+    ) -> CacheSource:
+        lm = prepare_lm_run(recipe, folder, progress=progress, console=console)
+        assert lm.teacher is not None
+        return CacheSource(
+            lm.data.train,
+            lm.teacher,
+            lm.teacher_info,
+            "lm",
+            lm.vocabulary or len(lm.tokenizer),
+            dataset_fingerprint(lm.data.train),
+            tokenizer_fingerprint(lm.tokenizer),
+        )
+
+    def write_report(self, result: ExperimentResult) -> Path:
+        from distill.tasks.causal_lm_report import write_lm_report
+
+        return write_lm_report(result)
+
+    def print_table(self, result: ExperimentResult, console: Console) -> None:
+        from distill.tasks.causal_lm_report import print_lm_table
+
+        print_lm_table(result, console)
+
+
+TASKS.add("causal_lm", CausalLMTask, summary="causal language models (per-token metrics, generation)")

@@ -1,0 +1,115 @@
+"""The classification task's report: accuracy (last and best epoch), agreement, KL to the teacher, ECE and
+time per method, each method against the first (better, worse or within noise), latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from distill.io import atomic_write_json, atomic_write_text
+from distill.tables import gain_and_spread, markdown_table, noise_verdict, objective_text, pm, rich_table
+from distill.tasks.report_common import MethodSummary, metrics_document, plot_learning_curves, teacher_line
+from distill.tasks.results import ExperimentResult
+
+HEADERS = ["method", "params", "acc % (last)", "acc % (best ep.)", "agree %", "KL(T‖S)", "ECE %", "train s"]
+
+
+def summary_rows(result: ExperimentResult) -> list[list[str]]:
+    rows = []
+    if result.teacher is not None and result.teacher.metrics:
+        m = result.teacher.metrics
+        rows.append(
+            [
+                "teacher",
+                f"{result.teacher.parameters:,}",
+                f"{100 * m['accuracy']:.2f}",
+                "-",
+                "-",
+                "-",
+                f"{100 * m['ece']:.2f}",
+                f"{result.teacher.train_seconds:.1f}",
+            ]
+        )
+    for runs in result.methods:
+        s = MethodSummary.of(runs)
+        rows.append(
+            [
+                s.name,
+                f"{result.student_parameters:,}",
+                pm(s.accuracy, 100),
+                pm(s.best_accuracy, 100),
+                pm(s.agreement, 100) if s.agreement else "-",
+                pm(s.teacher_kl, 1, 3) if s.teacher_kl else "-",
+                pm(s.ece, 100),
+                pm(s.seconds, 1, 1),
+            ]
+        )
+    return rows
+
+
+def _gain_sentence(result: ExperimentResult) -> str:
+    """How each method compares with the first one (the baseline): better, worse or within the seed spread."""
+    if len(result.methods) < 2:
+        return ""
+    base = MethodSummary.of(result.methods[0])
+    lines = []
+    for runs in result.methods[1:]:
+        s = MethodSummary.of(runs)
+        gain, spread = gain_and_spread(s.accuracy, base.accuracy, 100)
+        lines.append(
+            f"- {s.name} vs {base.name}: {gain:+.2f} points of accuracy, spread {spread:.2f} (the sum of the "
+            f"two standard deviations over seeds): {noise_verdict(gain, spread)}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_classification_report(result: ExperimentResult) -> Path:
+    """Write report.md, metrics.json and learning_curves.png into the run folder; return the report path."""
+    recipe = result.recipe
+    out = result.out_dir
+    plot = plot_learning_curves(result, out / "learning_curves.png")
+    latency = result.latency
+    latency_line = ""
+    if "student" in latency:
+        batch, student_ms = int(latency["batch"]), 1e3 * latency["student"]
+        latency_line = f"- Latency per batch of {batch} on the CPU: student {student_ms:.2f} ms"
+        if "teacher" in latency:
+            speedup = latency["teacher"] / latency["student"]
+            latency_line += f", teacher {1e3 * latency['teacher']:.2f} ms ({speedup:.1f}x faster)"
+        latency_line += ".\n"
+    teacher = teacher_line(result)
+    text = (
+        f"# {recipe.name}\n\n{recipe.description}\n\n"
+        f"- Data: {result.data.description}.\n"
+        f"{teacher}"
+        f"- Student: `{recipe.student.name}` {recipe.student.params}, "
+        f"{result.student_parameters:,} parameters.\n"
+        f"- Seeds: {', '.join(map(str, recipe.seeds))}; every cell is mean ± standard deviation over seeds, "
+        f"measured on the test split. 'last' is the final epoch (the headline rule: "
+        f"{recipe.evaluation.rule}); 'best epoch' picks the epoch of best test accuracy and is optimistic.\n"
+        f"{latency_line}"
+        f"- Wall time of the whole run: {result.wall_seconds:.1f} s.\n\n"
+        + markdown_table(HEADERS, summary_rows(result))
+        + "\n"
+        + _gain_sentence(result)
+        + "\nObjectives per method:\n\n"
+        + "".join(
+            f"- {m.name}: " + ", ".join(objective_text(o) for o in m.objectives) + "\n"
+            for m in result.methods
+        )
+        + (f"\n![learning curves]({plot.name})\n" if plot else "")
+    )
+    atomic_write_text(out / "report.md", text)
+    atomic_write_json(out / "metrics.json", metrics_document(result))
+    return out / "report.md"
+
+
+def print_classification_table(result: ExperimentResult, console: Console) -> None:
+    console.print(
+        rich_table(
+            f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, test split",
+            HEADERS,
+            summary_rows(result),
+        )
+    )
