@@ -79,3 +79,38 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert out == uninterrupted
+
+
+def test_a_signal_during_the_final_evaluation_stops_the_run(tmp_path: Path) -> None:
+    """SIGTERM arriving while the last epoch is evaluated: the checkpoint is kept, the run stops (the next
+    method never starts) and a resume finishes it."""
+    import os
+
+    import torch
+
+    from distill import build_data, build_model, fit
+    from distill.train.signals import TrainingInterrupted
+
+    data = build_data("digits", labelled_per_class=5)
+    signalled = []
+
+    def evaluator(student: torch.nn.Module, teacher: object) -> dict[str, float]:
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"accuracy": 0.5}
+
+    def run(resume: bool) -> object:
+        torch.manual_seed(0)
+        student = build_model("mlp", num_classes=10, input_shape=data.input_shape, hidden=[8])
+        return fit(
+            student, data.train, evaluator=evaluator, epochs=1, batch_size=16, progress=False,
+            tensorboard=False, run_dir=tmp_path, resume=resume, device="cpu",
+        )  # fmt: skip
+
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        run(resume=False)
+    assert (tmp_path / "checkpoints" / "latest").exists()
+    assert not (tmp_path / "final.json").exists()
+    result = run(resume=True)
+    assert result.completed and (tmp_path / "final.json").exists()

@@ -119,3 +119,19 @@ def test_method_names_sharing_a_folder_are_refused() -> None:
     ]
     with pytest.raises(UserError, match="would share the folder methods/kd"):
         recipe_from_dict(recipe("x", objectives=None, methods=methods))
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    from distill.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600

@@ -92,3 +92,18 @@ def test_the_losses_load_no_other_part_of_the_package() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["['losses']", "[]"]
+
+
+def test_schedules_count_the_steps_of_one_process(monkeypatch) -> None:
+    """Each process takes its share of the batches, so epoch-based warm-ups and milestones are converted with
+    the world size (a 2-process run's milestones used to fire at twice the epoch)."""
+    from distill.recipe.schema import ScheduleSpec
+    from distill.tasks.teacher_store import schedule_config, steps_per_epoch, world_size
+
+    assert steps_per_epoch(100, 10, 1) == 10
+    assert steps_per_epoch(100, 10, 1, world_size=2) == 5
+    assert steps_per_epoch(101, 10, 2, world_size=2) == 3  # 51 samples -> 6 batches -> 3 windows
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_epoch = steps_per_epoch(100, 10, 1, world_size())
+    schedule = schedule_config(ScheduleSpec(name="step", warmup_epochs=1, milestones=[2, 4]), per_epoch)
+    assert schedule.warmup_steps == 5 and schedule.milestones == [10, 20]

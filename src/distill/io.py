@@ -14,6 +14,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
+def _file_mode() -> int:
+    """The mode a plain `open()` would give a new file: 0o666 less the process's umask (a temporary file
+    from `mkstemp` is 0o600, which would hide the run's files from the user's group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +32,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

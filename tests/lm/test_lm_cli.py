@@ -134,3 +134,50 @@ def test_teacher_generations_need_a_language_model_recipe(files: Path, monkeypat
     recipe["source"] = {"name": "teacher_generations"}
     recipe["output"] = {"dir": str(files / "run")}
     assert "needs a language-model recipe" in _run_cli(monkeypatch, capsys, recipe, files / "q.yaml")
+
+
+def test_a_rewritten_data_file_trains_a_new_teacher(files: Path) -> None:
+    """The trained-teacher cache is keyed by the data's content, not only by the recipe's text."""
+    from rich.console import Console
+
+    from distill.experiment import run_recipe
+    from distill.recipe.load import recipe_from_dict
+
+    def run(out: str) -> str:
+        data = _recipe(
+            files, files / "tok", methods=[{"name": "ce", "objectives": [{"name": "cross_entropy"}]}]
+        )
+        data["trainer"]["epochs"] = 1
+        data["teacher"]["train"]["epochs"] = 1
+        data["output"]["dir"] = str(files / out)
+        result = run_recipe(recipe_from_dict(data), progress=False, console=Console(quiet=True))
+        assert result.teacher is not None
+        return result.teacher.source
+
+    assert run("first") == "trained"
+    assert run("same") == "cache"
+    write_jsonl(files / "train.jsonl", addition_rows(96, seed=7))  # same file name, other rows
+    assert run("rewritten") == "trained"
+
+
+def test_resumed_finished_run_reports_each_students_own_samples(files: Path) -> None:
+    """`--resume` of a run whose students were done: the report's samples are still theirs (they used to
+    come out empty, or be the generations of a teacher trained in the resumed session)."""
+    from rich.console import Console
+
+    from distill.experiment import run_recipe
+    from distill.recipe.load import recipe_from_dict
+
+    methods = [
+        {"name": "ce", "objectives": [{"name": "cross_entropy"}]},
+        {"name": "kl", "objectives": [{"name": "forward_kl"}]},
+    ]
+    data = _recipe(files, files / "tok", methods=methods)
+    data["trainer"]["epochs"] = 1
+    data["teacher"]["train"] = {"epochs": 1, "cache": False}  # the resumed session trains it again
+    recipe = recipe_from_dict(data)
+    first = run_recipe(recipe, progress=False, console=Console(quiet=True))
+    resumed = run_recipe(recipe, resume=True, progress=False, console=Console(quiet=True))
+    for name in ("ce", "kl"):
+        assert first.extra["samples"][name], name
+        assert resumed.extra["samples"][name] == first.extra["samples"][name], name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from importlib import resources
@@ -15,10 +16,43 @@ from distill.errors import UserError
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
 
+# YAML 1.2 core-schema scalars (PyYAML implements YAML 1.1): only true / false are booleans (`on`, `off`,
+# `yes`, `no` stay strings: `fused_loss: on` is the string "on"), `5e-4` is a number, `010` is ten, `1:20`
+# is a string.
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+MAX_EXPANDED_NODES = 50_000  # a recipe is a few hundred nodes; aliases may not blow it up beyond this
+ECHO_LIMIT = 80  # an error line quotes at most this much of what the user wrote
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader (no tags that build objects) that refuses a key given twice in one mapping. Merge keys
-    (`<<: *anchor`) stay allowed: the mapping's own keys override the merged ones, as YAML specifies."""
+
+def clip(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to `limit` characters: error lines never echo unbounded input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader (no tags that build objects) with YAML 1.2 core-schema scalars, that refuses a key given
+    twice in one mapping. Merge keys (`<<: *anchor`) stay allowed: the mapping's own keys override the merged
+    ones, as YAML specifies."""
+
+    yaml_implicit_resolvers = {
+        first: [
+            (tag, regexp)
+            for tag, regexp in resolvers
+            if tag.rsplit(":", 1)[-1] not in {"bool", "int", "float"}
+        ]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = str(self.construct_scalar(node))
+        if value.startswith(("0x", "0o")):
+            return int(value[2:], 16 if value[1] == "x" else 8)
+        return int(value, 10)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -29,10 +63,47 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in seen:
                 mark = key_node.start_mark
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is given twice (line {mark.line + 1})", mark
+                    None, None, f"key {clip(key)} is given twice (line {mark.line + 1})", mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+for _tag, _pattern, _first in (
+    ("bool", _BOOL, "tTfF"),
+    ("int", _INT, "-+0123456789"),
+    ("float", _FLOAT, "-+.0123456789"),
+):
+    RecipeLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", _pattern, list(_first))
+
+
+class _RecursiveAlias(Exception):
+    """A node that contains itself through an alias."""
+
+
+def expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """How many nodes the document has once every alias is expanded (each alias counts its anchor's size
+    again). A node that contains itself through an alias is refused."""
+    key = id(node)
+    if key in open_:
+        raise _RecursiveAlias
+    if key in memo:
+        return memo[key]
+    open_.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    size = 1
+    for child in children:
+        size += expanded_size(child, memo, open_)
+        if size > MAX_EXPANDED_NODES:
+            break
+    open_.discard(key)
+    memo[key] = size
+    return size
 
 
 def builtin_recipe_text(name: str) -> str:
@@ -46,14 +117,29 @@ def builtin_recipes() -> list[str]:
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    loader = RecipeLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None and expanded_size(node, {}, set()) > MAX_EXPANDED_NODES:
+            raise UserError(
+                f"{source}: the recipe expands to more than {MAX_EXPANDED_NODES:,} values through its "
+                "aliases (*name); write it out or use fewer aliases"
+            )
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise UserError(f"{source}{where}: {err.problem or err}".rstrip()) from err
     except yaml.YAMLError as err:
-        raise UserError(f"{source}: not valid YAML ({err})") from err
+        raise UserError(f"{source}: not valid YAML ({clip(str(err), 200)})") from err
+    except _RecursiveAlias:
+        raise UserError(
+            f"{source}: the recipe refers to itself through an alias (a recursive anchor)"
+        ) from None
+    except RecursionError:
+        raise UserError(f"{source}: the recipe nests too deeply") from None
+    finally:
+        loader.dispose()
     if data is None:
         raise UserError(f"{source}: the recipe is empty")
     if not isinstance(data, dict):
@@ -102,9 +188,9 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: {_loc_text(loc)}: unknown key{suggestion}"
     message = first["msg"]
     if first["type"] in {"model_type", "dict_type"}:
-        message = f"expected a mapping, got {first.get('input')!r}"
+        message = f"expected a mapping, got {clip(first.get('input'))}"
     elif "input" in first and first["type"] not in {"missing", "value_error", "assertion_error"}:
-        message += f" (got {first['input']!r})"
+        message += f" (got {clip(first['input'])})"
     message = message.removeprefix("Value error, ")
     return f"{source}: {_loc_text(loc)}: {message}"
 

@@ -19,7 +19,7 @@ from distill.data import build_data
 from distill.data.text import LMData, LMDataset
 from distill.data.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
 from distill.errors import UserError
-from distill.io import cache_root, fingerprint, load_tensors
+from distill.io import atomic_write_json, cache_root, fingerprint, load_tensors
 from distill.models import count_parameters
 from distill.models.causal_lm import build_causal_lm, special_token_ids
 from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, SourceSpec
@@ -53,8 +53,8 @@ def _model_tokenizer(spec: ModelSpec | None) -> Any:
         return None
     if spec.params.get("tokenizer") is not None:
         return load_tokenizer(spec.params["tokenizer"])
-    path = spec.params.get("path")
-    if path is not None and any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+    path = spec.params.get("path")  # anything but a string: `build_causal_lm` refuses it in one line
+    if isinstance(path, str) and any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         return load_tokenizer(path)
     return None
 
@@ -70,13 +70,18 @@ def build_lm_model(spec: ModelSpec, tokenizer: Any, role: str, *, for_training: 
         raise UserError(
             f"{role}.params: unknown key '{sorted(unknown)[0]}'; valid: config, path, dtype, lora, tokenizer"
         )
-    model = build_causal_lm(**params, vocab_size=len(tokenizer), special_tokens=special_token_ids(tokenizer))
+    try:
+        model = build_causal_lm(
+            **params, vocab_size=len(tokenizer), special_tokens=special_token_ids(tokenizer)
+        )
+    except UserError as err:  # say which model's config or folder it is
+        raise UserError(f"{role}: {err}") from err
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint, role)
     return model
 
 
-def _teacher_key(recipe: Recipe, tokenizer: Any) -> str:
+def _teacher_key(recipe: Recipe, tokenizer: Any, train: LMDataset) -> str:
     spec = recipe.teacher
     assert spec is not None
     return fingerprint(
@@ -84,6 +89,7 @@ def _teacher_key(recipe: Recipe, tokenizer: Any) -> str:
             "model": teacher_spec_identity(spec),
             "data": recipe.data.model_dump(mode="json"),
             "tokenizer": tokenizer_fingerprint(tokenizer),
+            "content": dataset_fingerprint(train),  # a rewritten data file trains a new teacher
             "format": TEACHER_FORMAT,
         }
     )
@@ -102,7 +108,7 @@ def obtain_lm_teacher(
         teacher = build_lm_model(spec, tokenizer, "teacher")
         return teacher, TeacherInfo("checkpoint", count_parameters(teacher), {}, 0.0, [])
     teacher = build_lm_model(spec, tokenizer, "teacher", for_training=True)
-    key = _teacher_key(recipe, tokenizer)
+    key = _teacher_key(recipe, tokenizer, data.train)
     cached = cache_root() / "lm-teachers" / key
     info = fit_or_load_teacher(
         teacher,
@@ -278,6 +284,7 @@ class CausalLMTask(Task):
         epochs = recipe.trainer.epochs
 
         def start(student: nn.Module, seed: int, terms: list[Term]) -> SeedPlan:
+            lm.evaluator.samples = []  # this student's generations only, never the teacher's
             run = onpolicy.start(student, seed, terms) if onpolicy is not None else None
 
             def finish(result: FitResult, epochs_: int) -> None:
@@ -294,7 +301,15 @@ class CausalLMTask(Task):
         return MethodPlan(train_set, generation, start)
 
     def finish_seed(self, recipe: Recipe, method: MethodSpec, result: FitResult, setup: TaskSetup) -> None:
-        setup.extra["samples"][method.name] = list(setup.extra["lm"].evaluator.samples)
+        """The student's greedy samples for the report: from its last evaluation, kept beside its checkpoints
+        so that a resumed run whose student was already finished reports them too."""
+        samples = list(setup.extra["lm"].evaluator.samples)
+        stored = result.run_dir / "samples.json" if result.run_dir is not None else None
+        if samples and stored is not None:
+            atomic_write_json(stored, samples)
+        elif stored is not None and stored.exists():
+            samples = json.loads(stored.read_text())
+        setup.extra["samples"][method.name] = samples
 
     def describe(self, metrics: dict[str, float]) -> str:
         return describe_metrics(metrics) if "perplexity" in metrics else "not evaluated"

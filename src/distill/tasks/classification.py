@@ -80,8 +80,13 @@ def obtain_teacher(
     if spec.checkpoint is not None:
         check_class_counts(teacher, data, "teacher")
         return teacher, TeacherInfo("checkpoint", count_parameters(teacher), {}, 0.0, [])
-    key = fingerprint(
-        {"model": teacher_spec_identity(spec), "data": recipe.data.model_dump(mode="json"), "format": 1}
+    key = fingerprint(  # the data's content, not only its spec: a rewritten file trains a new teacher
+        {
+            "model": teacher_spec_identity(spec),
+            "data": recipe.data.model_dump(mode="json"),
+            "content": dataset_fingerprint(train_set),
+            "format": 1,
+        }
     )
     info = fit_or_load_teacher(
         teacher,

@@ -30,9 +30,8 @@ from distill.teachers import Teacher, as_teacher
 from distill.train.batches import counted_rows, make_loader, predict, split_batch
 from distill.train.checkpoint import (
     full_states,
-    latest_checkpoint,
-    load_checkpoint,
     restore_scheduler,
+    resume_checkpoint,
     save_checkpoint,
     scheduler_state,
 )
@@ -208,24 +207,50 @@ class Trainer:
             model=model,
             optimizer=self.optimizer,
             objectives=self.saved_state,
-            state={**state, "scheduler": scheduler_state(self.scheduler), "fingerprint": self.fingerprint},
+            state={
+                **state,
+                "scheduler": scheduler_state(self.scheduler),
+                "fingerprint": self.fingerprint,
+                "seed": self.config.seed,
+            },
             keep=self.config.keep_checkpoints,
             states=states,
         )
 
     def _restore(self) -> dict[str, Any] | None:
-        path = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
-        if path is None:
+        """The newest checkpoint that verifies (checksums, this run's fingerprint and seed, the trainer's
+        state): an older good one, with one warning line, when the newest is damaged; one line when none is
+        good (`distill.train.checkpoint.resume_checkpoint`)."""
+        if self.run_dir is None:
             return None
-        checkpoint = load_checkpoint(
-            path,
+
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        required = {
+            "epoch": count,
+            "batch": count,
+            "history": lambda rows: isinstance(rows, list) and all(isinstance(row, dict) for row in rows),
+            "train_seconds": number,
+            "epoch_loss_sum": number,
+            "epoch_batches": count,
+            "scheduler": lambda value: isinstance(value, dict),
+        }
+        checkpoint = resume_checkpoint(
+            self.run_dir,
             model=self.accelerator.unwrap_model(self.student),
             optimizer=self.optimizer,
             objectives=self.saved_state,
             fingerprint=self.fingerprint,
+            identity={"seed": self.config.seed},
+            required=required,
+            restore=lambda state: restore_scheduler(self.scheduler, state["scheduler"]),
+            quiet=not self.accelerator.is_main_process,
         )
-        restore_scheduler(self.scheduler, checkpoint.state["scheduler"])
-        return checkpoint.state
+        return checkpoint.state if checkpoint is not None else None
 
     # ---------------------------------------------------------------- the loop
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
@@ -300,8 +325,11 @@ class Trainer:
                     break
                 self._end_epoch(state)
                 every = cfg.checkpoint_every
-                if every == 0 or state["step"] % every == 0 or state["epoch"] == cfg.epochs:
+                saved = every == 0 or state["step"] % every == 0 or state["epoch"] == cfg.epochs
+                if saved:
                     self._save(state)
+                if stop.agreed(self.device):  # a signal during the evaluation or the checkpoint
+                    self._stop_on_signal(state, stop, save=not saved)
         return self._result(state, completed=state["epoch"] >= cfg.epochs)
 
     def _windows(self, epoch: int, start_batch: int) -> Iterator[list[Any]]:
@@ -375,8 +403,9 @@ class Trainer:
         self._optimizer_step(skip=counted == 0)
         return values_sum / max(1, counted)
 
-    def _stop_on_signal(self, state: dict[str, Any], stop: StopRequest) -> None:
-        self._save(state)
+    def _stop_on_signal(self, state: dict[str, Any], stop: StopRequest, *, save: bool = True) -> None:
+        if save:
+            self._save(state)
         saved = f"; checkpoint saved in {self.run_dir}, continue with --resume" if self.run_dir else ""
         raise TrainingInterrupted(f"{stop.name} at step {state['step']}{saved}", stop.signum or 0)
 
