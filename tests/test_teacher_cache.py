@@ -69,7 +69,8 @@ def test_lookup_by_id_in_any_order_returns_each_samples_rows(tmp_path):
 def test_an_interrupted_writer_resumes_and_matches_a_one_shot_cache(tmp_path):
     logits, counts = _rows(17)
     _write(tmp_path / "once", logits, counts, shard_samples=4).finish()
-    _write(tmp_path / "twice", logits, counts, shard_samples=4, stop=10)  # dies with 2 shards written
+    # Dies with 2 shards written; its lock goes with it (a killed process's lock is released by the OS).
+    _write(tmp_path / "twice", logits, counts, shard_samples=4, stop=10).close()
     resumed = _write(tmp_path / "twice", logits, counts, shard_samples=4)
     assert resumed.shards[0].sha256 == TeacherCache(tmp_path / "once").shards[0].sha256
     resumed.finish()
@@ -93,7 +94,7 @@ def test_refusals_are_one_line_user_errors(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
     with pytest.raises(UserError, match="fails its checksum"):
         TeacherCache(tmp_path / "c").targets(torch.tensor([5]))
-    _write(tmp_path / "half", logits, counts, shard_samples=4, stop=5)
+    _write(tmp_path / "half", logits, counts, shard_samples=4, stop=5).close()
     with pytest.raises(UserError, match="incomplete"):
         TeacherCache(tmp_path / "half")
 

@@ -29,6 +29,7 @@ from distill.objectives import build_objective
 from distill.recipe.schema import Recipe
 from distill.runfolder import RunFolder
 from distill.tasks import task_for
+from distill.tasks.teacher_cache import CacheSource
 from distill.tasks.teacher_store import teacher_spec_identity
 from distill.train.batches import split_batch
 
@@ -107,7 +108,27 @@ def make_cache(
     # Shards end on batch boundaries: a whole number of batches of samples per shard.
     samples_per_shard = max(batch_size, (shard_rows // (per_sample_rows or _mean_rows(source.train))))
     samples_per_shard -= samples_per_shard % batch_size
-    writer = CacheWriter(out, header, shard_samples=samples_per_shard, overwrite=overwrite)
+    with CacheWriter(out, header, shard_samples=samples_per_shard, overwrite=overwrite) as writer:
+        manifest = _fill(writer, source, teacher, batch_size, k, draws, temperature, hidden, progress)
+    console.print(
+        f"teacher cache: {manifest['samples']:,} samples, {manifest['targets']} at T={temperature:g}, "
+        f"{len(manifest['shards'])} shards -> {out}"
+    )
+    return manifest
+
+
+def _fill(
+    writer: CacheWriter,
+    source: CacheSource,
+    teacher: nn.Module,
+    batch_size: int,
+    k: int,
+    draws: int,
+    temperature: float,
+    hidden: tuple[str, ...],
+    progress: bool,
+) -> dict[str, Any]:
+    """Run the teacher over the samples the writer does not hold yet; returns the finished manifest."""
     start = writer.next_sample
     remaining = Subset(source.train, range(start, len(source.train)))  # type: ignore[arg-type]
     loader = DataLoader(
@@ -143,12 +164,7 @@ def make_cache(
                 hooks.clear()
             writer.add(ids, logprobs, tail, rows_per_sample(mask, len(logits)), **states)
             bar.update(task, advance=len(logits))
-    manifest = writer.finish()
-    console.print(
-        f"teacher cache: {manifest['samples']:,} samples, {manifest['targets']} at T={temperature:g}, "
-        f"{len(manifest['shards'])} shards -> {out}"
-    )
-    return manifest
+    return writer.finish()
 
 
 def _mean_rows(dataset: Dataset) -> int:

@@ -57,14 +57,26 @@ def open_run_folder(recipe: Recipe, *, out: Path | None, resume: bool, overwrite
 def refuse_links_out(folder: Path) -> None:
     """Refuse a run folder holding a symbolic link that leads outside it: writing the run's files through it
     (checkpoints, logs, reports) would change files elsewhere."""
-    root = folder.resolve()
+    try:
+        root = folder.resolve()
+    except (RuntimeError, OSError) as err:  # a loop of links (Python 3.11 raises RuntimeError)
+        raise UserError(f"output folder {folder}: cannot resolve it ({err})") from None
     for parent, dirs, files in os.walk(root):
         for name in dirs + files:
             entry = Path(parent) / name
-            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+            if not entry.is_symlink():
+                continue
+            try:
+                target = entry.resolve()
+            except (RuntimeError, OSError):
+                raise UserError(
+                    f"output folder {folder}: {entry.relative_to(root)} is a symbolic link loop; "
+                    "remove it (a run writes only inside its folder)"
+                ) from None
+            if not target.is_relative_to(root):
                 raise UserError(
                     f"output folder {folder}: {entry.relative_to(root)} links outside it "
-                    f"(to {entry.resolve()}); a run writes only inside its folder"
+                    f"(to {target}); a run writes only inside its folder"
                 )
 
 
@@ -76,11 +88,16 @@ def recipe_key(recipe: Recipe) -> str:
 def refuse_another_recipe(folder: RunFolder, recipe: Recipe) -> None:
     """`--resume` continues only the run of the same recipe (its copy in the folder)."""
     stored = folder.path / "recipe.yaml"
-    if not stored.exists():
+    if not stored.exists() and not stored.is_symlink():
         return
     try:
-        earlier = Recipe.model_validate(yaml.safe_load(stored.read_text()))
-    except (yaml.YAMLError, ValidationError, UnicodeDecodeError) as err:
+        text = stored.read_text()
+        if not text.strip():
+            raise UserError(f"--resume: {stored} is empty, not the recipe distill wrote there")
+        earlier = Recipe.model_validate(yaml.safe_load(text))
+    except UserError:
+        raise
+    except (OSError, RuntimeError, yaml.YAMLError, ValidationError, TypeError, ValueError) as err:
         raise UserError(f"--resume: {stored} is not a recipe distill wrote ({type(err).__name__})") from None
     if recipe_key(earlier) != recipe_key(recipe):
         raise UserError(f"--resume: {folder.path} was started from a different recipe")

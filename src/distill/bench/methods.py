@@ -34,6 +34,9 @@ NOT_FOR_CLASSIFIERS: dict[str, str] = {
     "token_selective_kd": "token-selective LM distillation (per-token weighting)",
     "swing_kd": "per-token privacy temperatures for LM distillation",
     "entropy_regularizer": "a regulariser on the student alone (no teacher)",
+    "reverse_kl_pg": "on-policy LM distillation: REINFORCE on the student's own sampled tokens (rollouts)",
+    "tsd_indirect": "TSD-KD's token re-ranking, for sequences of an LM's own rollouts",
+    "soda": "SODA's preference loss between teacher responses and a student snapshot (sequences)",
 }
 
 

@@ -6,6 +6,7 @@ Layout of a cache folder:
     shard-00000.safetensors ids (rows, k) int32, logprobs (rows, k) float16, tail (rows,) float32,
                             offsets (samples + 1,) int64 (absent when each sample is one row),
                             optional hidden.<layer> (rows, ...) float16
+    .distill-cache.lock     held by the one writer at work
 
 A row is one sample (classification) or one counted token (language models: the positions where the batch
 mask is True, in order). Sample i of a shard owns rows offsets[i - first] .. offsets[i - first + 1].
@@ -13,18 +14,27 @@ mask is True, in order). Sample i of a shard owns rows offsets[i - first] .. off
 remaining mass, log(1 - sum(exp(logprobs))). Logit bytes per row: 6 k + 4, plus 8 per sample of several
 rows (a language model's sequence).
 
-Shards are written whole under a temporary name and renamed; the manifest lists only finished shards and is
-rewritten atomically after each, so an interrupted writer resumes at the first sample no shard holds.
+Writing: the manifest (header, no shards) is written before the first shard, shards are written whole under a
+temporary name and renamed, and the manifest lists only finished shards, rewritten atomically after each; so a
+writer killed at any point resumes at the first sample no good shard holds, and the next writer removes what
+the killed one left (temporaries, shards the manifest does not list).
+
+Reading: opening a cache checks the manifest's schema (one line for a malformed one), that every shard is a
+plain file name inside the folder and that the shards cover the samples in order; `verify()` then checks
+every shard's sha256 and its tensors' shapes against k, its rows and samples. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import safe_open
 from torch import Tensor
 
@@ -36,6 +46,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".distill-cache.lock"
 # Fields two caches must share to be the same cache (a writer resumes only into a matching folder).
 IDENTITY = (
     "targets",
@@ -50,6 +61,12 @@ IDENTITY = (
     "temperature",
     "hidden",
 )
+SHARD_FIELDS = ("file", "first", "samples", "rows", "sha256")
+_SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+# What `distill.io`'s atomic writes leave behind when the process is killed mid-write.
+_TEMPORARY = re.compile(r"\.(manifest\.json|shard-\d{5,}\.safetensors)\..+\.tmp")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -72,44 +89,205 @@ def topk_objectives() -> list[str]:
     return [name for name in OBJECTIVES.names() if OBJECTIVES.build(name).accepts_topk]
 
 
-def _manifest(folder: Path) -> dict[str, Any] | None:
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_temperature(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+def _malformed(folder: Path, what: str) -> UserError:
+    return UserError(
+        f"teacher cache {folder}: malformed {MANIFEST} ({what}); make the cache again "
+        "(`distill cache ... --overwrite`)"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether `folder / name` is, links resolved, a direct entry of `folder`."""
+    return (folder / name).resolve().parent == folder.resolve()
+
+
+def read_manifest(folder: Path) -> tuple[dict[str, Any], list[Shard]] | None:
+    """The cache's manifest and its shards, schema-checked (one line for anything malformed); None when the
+    folder holds no manifest."""
     path = folder / MANIFEST
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"teacher cache {folder}: unreadable manifest ({err})") from err
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"teacher cache {folder}: unreadable {MANIFEST} ({_first_line(err)})") from err
+    return manifest, _validate(folder, manifest)
+
+
+def _validate(folder: Path, manifest: Any) -> list[Shard]:
+    if not isinstance(manifest, dict):
+        raise _malformed(folder, "not a JSON object")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise UserError(
+            f"teacher cache {folder}: format {manifest.get('format')!r}, this version of distill reads "
+            f"{FORMAT_VERSION}; make the cache again (`distill cache ... --overwrite`)"
+        )
+    required = (
+        ("samples", _is_count, "a count"),
+        ("k", lambda v: _is_count(v, 1), "a positive count"),
+        ("temperature", _is_temperature, "a positive number"),
+        ("complete", lambda v: isinstance(v, bool), "true or false"),
+        ("shards", lambda v: isinstance(v, list), "a list"),
+    )
+    optional = (
+        ("hidden", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+        ("vocab", lambda v: _is_count(v, 1), "a positive count"),
+        ("kind", lambda v: isinstance(v, str), "a string"),
+        ("teacher", lambda v: isinstance(v, str), "a string"),
+        ("data", lambda v: isinstance(v, str), "a string"),
+        ("tokenizer", lambda v: v is None or isinstance(v, str), "a string or null"),
+    )
+    for field, valid, meaning in required + optional:
+        if field not in manifest:
+            if any(field == name for name, _, _ in required):
+                raise _malformed(folder, f"no '{field}'")
+            continue
+        if not valid(manifest[field]):
+            raise _malformed(folder, f"'{field}' is not {meaning}")
+    shards: list[Shard] = []
+    end = 0
+    for position, entry in enumerate(manifest["shards"]):
+        where = f"shards[{position}]"
+        if not isinstance(entry, dict):
+            raise _malformed(folder, f"{where} is not an object")
+        missing = [f for f in SHARD_FIELDS if f not in entry]
+        if missing:
+            raise _malformed(folder, f"{where} has no '{missing[0]}'")
+        extra = sorted(set(entry) - set(SHARD_FIELDS))
+        if extra:
+            raise _malformed(folder, f"{where} has an unknown field '{extra[0]}'")
+        name = entry["file"]
+        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or not _inside(folder, name):
+            raise UserError(
+                f"teacher cache {folder}: {where} names '{str(name)[:60]}', not a file of the cache folder"
+            )
+        for field in ("first", "samples", "rows"):
+            if not _is_count(entry[field], 1 if field == "samples" else 0):
+                raise _malformed(folder, f"{where}.{field} is not a count")
+        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise _malformed(folder, f"{where}.sha256 is not a sha256 digest")
+        if entry["first"] != end:
+            raise _malformed(
+                folder, f"{where} starts at sample {entry['first']}, the shards before end at {end}"
+            )
+        if any(s.file == name for s in shards):
+            raise _malformed(folder, f"{where} names {name} a second time")
+        shard = Shard(**{f: entry[f] for f in SHARD_FIELDS})
+        shards.append(shard)
+        end = shard.end
+    samples = manifest["samples"]
+    if end > samples or (manifest["complete"] and end != samples):
+        raise _malformed(folder, f"its shards hold {end} samples, it says {samples}")
+    return shards
+
+
+def _owned(name: str) -> bool:
+    """A name a cache writer puts in its folder."""
+    return name in {MANIFEST, LOCK} or bool(_SHARD_NAME.fullmatch(name) or _TEMPORARY.fullmatch(name))
 
 
 class CacheWriter:
-    """Appends samples in id order and writes a shard every `shard_samples` samples."""
+    """Appends samples in id order and writes a shard every `shard_samples` samples. One writer per folder
+    (a lock); `close()` (or `finish()`) releases it."""
 
     def __init__(self, folder: Path, header: dict[str, Any], *, shard_samples: int, overwrite: bool) -> None:
         self.folder = Path(folder)
         self.header = {"format": FORMAT_VERSION, **header}
         self.shard_samples = shard_samples
         self.shards: list[Shard] = []
-        existing = _manifest(self.folder)
-        if existing is not None and not overwrite:
-            differs = [f for f in IDENTITY if existing.get(f) != self.header.get(f)]
+        self._pending: list[dict[str, Tensor]] = []
+        self._pending_samples = 0
+        self._refuse_another(overwrite)  # read only: a refused folder is left as it was
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock: FileLock | None = FileLock(str(self.folder / LOCK), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            self._lock = None
+            raise UserError(
+                f"another `distill cache` is writing into {self.folder}; wait for it or choose another --out"
+            ) from None
+        try:
+            self._recover(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _refuse_another(self, overwrite: bool) -> None:
+        if not self.folder.exists():
+            return
+        if not self.folder.is_dir():
+            raise UserError(f"{self.folder} is not a folder; choose another --out")
+        if overwrite:
+            return
+        found = read_manifest(self.folder)  # malformed: one line (--overwrite replaces it)
+        if found is not None:
+            differs = [f for f in IDENTITY if found[0].get(f) != self.header.get(f)]
             if differs:
                 raise UserError(
                     f"{self.folder} holds a teacher cache with another {differs[0]}; "
                     "choose another --out or pass --overwrite"
                 )
-            for shard in (Shard(**s) for s in existing["shards"]):
+        elif any(not _owned(entry.name) for entry in self.folder.iterdir()):
+            raise UserError(f"{self.folder} is not empty and holds no teacher cache; choose another --out")
+
+    def _recover(self, overwrite: bool) -> None:
+        """Keep the good shards of an earlier (killed) writer, drop everything else it left, and write the
+        manifest before any new shard: from here on a killed writer resumes."""
+        found = None if overwrite else read_manifest(self.folder)
+        for entry in self.folder.iterdir():  # a killed writer's temporaries; with --overwrite the old cache
+            if entry.is_file() and (
+                _TEMPORARY.fullmatch(entry.name)
+                or (overwrite and (entry.name == MANIFEST or _SHARD_NAME.fullmatch(entry.name)))
+            ):
+                entry.unlink(missing_ok=True)
+        if found is not None:
+            for shard in found[1]:
+                path = self.folder / shard.file
                 if (
-                    not (self.folder / shard.file).exists()
-                    or sha256_file(self.folder / shard.file) != shard.sha256
+                    not path.is_file()
+                    or not _inside(self.folder, shard.file)
+                    or sha256_file(path) != shard.sha256
                 ):
                     break  # a damaged shard: it and the ones after it are written again
                 self.shards.append(shard)
-        elif existing is None and self.folder.exists() and any(self.folder.iterdir()) and not overwrite:
-            raise UserError(f"{self.folder} is not empty and holds no teacher cache; choose another --out")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._pending: list[dict[str, Tensor]] = []
-        self._pending_samples = 0
+        if found is None or len(self.shards) < len(found[1]) or not found[0].get("complete"):
+            self._write_manifest(complete=False)
+        self._remove_unlisted()
+
+    def _remove_unlisted(self) -> None:
+        """Shards the manifest does not list: written after its last update by a killed writer, or after a
+        damaged one. They are written again."""
+        listed = {shard.file for shard in self.shards}
+        for entry in self.folder.iterdir():
+            if _SHARD_NAME.fullmatch(entry.name) and entry.name not in listed:
+                entry.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     @property
     def next_sample(self) -> int:
@@ -137,13 +315,18 @@ class CacheWriter:
             self._flush(self.shard_samples)
 
     def finish(self) -> dict[str, Any]:
-        if self._pending_samples:
-            self._flush(self._pending_samples)
-        if not self.complete:
-            raise UserError(
-                f"teacher cache {self.folder}: {self.next_sample} of {self.header['samples']} samples"
-            )
-        return self._write_manifest(complete=True)
+        try:
+            if self._pending_samples:
+                self._flush(self._pending_samples)
+            if not self.complete:
+                raise UserError(
+                    f"teacher cache {self.folder}: {self.next_sample} of {self.header['samples']} samples"
+                )
+            manifest = self._write_manifest(complete=True)
+            self._remove_unlisted()
+            return manifest
+        finally:
+            self.close()
 
     def _flush(self, samples: int) -> None:
         """Write the first `samples` pending samples as one shard."""
@@ -170,30 +353,105 @@ class CacheWriter:
 
 class TeacherCache:
     """A finished cache, read-only. `targets(sample_ids, rows_per_sample)` gathers the samples' rows in
-    order, checking each sample's row count against what the batch counts (no silent misalignment)."""
+    order, checking each sample's row count against what the batch counts (no silent misalignment).
+
+    Opening checks the manifest (schema, shard names, coverage of the samples) and that every shard is
+    there; `verify()` checks every shard's bytes (sha256) and tensor shapes, which reading a shard does
+    anyway for that shard. A run calls `verify()` before its folder is made (`open_recipe_cache`)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"teacher cache not found: {self.folder}")
-        manifest = _manifest(self.folder)
-        if manifest is None:
+        found = read_manifest(self.folder)
+        if found is None:
             raise UserError(
                 f"{self.folder} holds no teacher cache ({MANIFEST} missing); make one with `distill cache`"
             )
-        if manifest.get("format") != FORMAT_VERSION:
-            raise UserError(
-                f"teacher cache {self.folder}: format {manifest.get('format')}, expected {FORMAT_VERSION}"
-            )
-        if not manifest.get("complete"):
+        manifest, shards = found
+        if not manifest["complete"]:
             raise UserError(
                 f"teacher cache {self.folder} is incomplete; run `distill cache` again to finish it"
             )
         self.manifest = manifest
-        self.shards = [Shard(**s) for s in manifest["shards"]]
+        self.shards = shards
         self.k: int = manifest["k"]
         self.temperature: float = manifest["temperature"]
         self._loaded: dict[int, dict[str, Tensor]] = {}
+        self._verified: set[int] = set()
+        for shard in self.shards:
+            if not (self.folder / shard.file).is_file():
+                raise UserError(f"teacher cache {self.folder}: shard {shard.file} is missing")
+
+    def verify(self) -> TeacherCache:
+        """Check every shard now: its sha256, and its tensors against the manifest's k and the shard's rows
+        and samples. One line for the first that fails."""
+        for index in range(len(self.shards)):
+            self._verify(index)
+        return self
+
+    def _verify(self, index: int) -> None:
+        if index in self._verified:
+            return
+        shard = self.shards[index]
+        path = self.folder / shard.file
+        if not path.is_file():
+            raise UserError(f"teacher cache {self.folder}: shard {shard.file} is missing")
+        if sha256_file(path) != shard.sha256:
+            # A file that is not safetensors at all is named as such (a pickle put in its place, say).
+            problem = self._shape_problem(path, shard)
+            if problem is not None and problem.startswith("is not"):
+                raise UserError(f"teacher cache {self.folder}: shard {shard.file} {problem}")
+            raise UserError(
+                f"teacher cache {self.folder}: shard {shard.file} fails its checksum (damaged or changed "
+                "since it was written); make the cache again"
+            )
+        problem = self._shape_problem(path, shard)
+        if problem is not None:
+            raise UserError(f"teacher cache {self.folder}: shard {shard.file} {problem}")
+        self._verified.add(index)
+
+    def _shape_problem(self, path: Path, shard: Shard) -> str | None:
+        """What in the shard's tensors disagrees with the manifest, read from the safetensors header (and the
+        small offsets tensor) only; None when nothing does."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                layout = {}
+                for name in handle.keys():  # noqa: SIM118
+                    part = handle.get_slice(name)
+                    layout[name] = (tuple(part.get_shape()), part.get_dtype())
+                offsets = handle.get_tensor("offsets") if "offsets" in layout else None
+        except Exception as err:  # safetensors raises its own error types on a forged or broken file
+            return f"is not a readable safetensors file ({_first_line(err)})"
+        k, rows, samples = self.k, shard.rows, shard.samples
+        expected = {"ids": ((rows, k), "I32"), "logprobs": ((rows, k), "F16"), "tail": ((rows,), "F32")}
+        for name, (shape, dtype) in expected.items():
+            if name not in layout:
+                return f"has no '{name}' tensor"
+            if layout[name] != (shape, dtype):
+                got_shape, got_dtype = layout[name]
+                return (
+                    f"holds '{name}' of shape {got_shape} {got_dtype}, the manifest says {shape} {dtype} "
+                    f"(k = {k}, {rows} rows); make the cache again"
+                )
+        hidden = {f"hidden.{layer}" for layer in self.hidden}
+        for name in sorted(hidden):
+            if name not in layout or layout[name][0][:1] != (rows,):
+                return f"has no '{name}' tensor of {rows} rows; make the cache again"
+        unexpected = sorted(set(layout) - set(expected) - hidden - {"offsets"})
+        if unexpected:
+            return f"holds a tensor '{unexpected[0]}' the manifest does not list"
+        if offsets is None:
+            if rows != samples:
+                return f"holds {rows} rows for {samples} samples and no offsets"
+        elif (
+            layout["offsets"] != ((samples + 1,), "I64")
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != rows
+            or bool((offsets.diff() < 0).any())
+        ):
+            return f"has offsets that do not split its {rows} rows into its {samples} samples"
+        return None
 
     def __len__(self) -> int:
         return int(self.manifest["samples"])
@@ -237,18 +495,14 @@ class TeacherCache:
 
     def _shard(self, index: int) -> dict[str, Tensor]:
         if index not in self._loaded:
+            self._verify(index)
             shard = self.shards[index]
-            path = self.folder / shard.file
-            if not path.exists():
-                raise UserError(f"teacher cache {self.folder}: shard {shard.file} is missing")
-            if sha256_file(path) != shard.sha256:
-                raise UserError(f"teacher cache {self.folder}: shard {shard.file} fails its checksum")
             try:
-                with safe_open(str(path), framework="pt") as handle:
+                with safe_open(str(self.folder / shard.file), framework="pt") as handle:
                     self._loaded[index] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             except Exception as err:  # safetensors raises its own error types on a forged or broken file
                 raise UserError(
-                    f"teacher cache {self.folder}: shard {shard.file} is unreadable ({err})"
+                    f"teacher cache {self.folder}: shard {shard.file} is unreadable ({_first_line(err)})"
                 ) from err
         return self._loaded[index]
 

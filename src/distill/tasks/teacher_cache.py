@@ -60,7 +60,9 @@ def refuse_augmented(dataset: Dataset) -> None:
 
 
 def open_recipe_cache(recipe: Recipe, *, data: str, vocab: int, tokenizer: str | None = None) -> TeacherCache:
-    """The recipe's `teacher.cache`, checked against this run's data, vocabulary and tokenizer."""
+    """The recipe's `teacher.cache`, checked against this run's data, vocabulary and tokenizer, and verified
+    whole (manifest, every shard's sha256 and shapes) now: the task prepares it before the run folder is
+    made, so a damaged cache is refused in one line with nothing written."""
     assert recipe.teacher is not None and recipe.teacher.cache is not None
     cache = TeacherCache(recipe.teacher.cache)
     cache.check(data=data, vocab=vocab, tokenizer=tokenizer)
@@ -71,7 +73,7 @@ def open_recipe_cache(recipe: Recipe, *, data: str, vocab: int, tokenizer: str |
             f"teacher cache {cache.folder} was made by another teacher than the recipe's "
             f"'{recipe.teacher.name}'; make the cache again or drop teacher.name"
         )
-    return cache
+    return cache.verify()
 
 
 def cache_teacher_info(cache: TeacherCache) -> TeacherInfo:

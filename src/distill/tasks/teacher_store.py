@@ -2,14 +2,17 @@
 
 A teacher without a checkpoint is trained with cross-entropy on the task's teacher split, then stored (weights
 + manifest with a checksum) under a key of its spec and the data spec; the next run with the same key loads
-it. An entry whose checksum fails is trained again."""
+it. A damaged entry (a manifest that is not JSON or has no checksum, a missing file, a failed checksum) is
+moved to a `.damaged-<time>` sibling with one warning line, and the teacher trained again."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from distill.recipe.schema import Recipe, ScheduleSpec, TeacherSpec
 from distill.runfolder import RunFolder
 from distill.tasks.results import TeacherInfo
 from distill.train import OptimizerConfig, ScheduleConfig, fit
+from distill.train.logs import warn
 
 __all__ = ["cache_root", "fit_or_load_teacher", "load_weights"]
 
@@ -104,7 +108,10 @@ def fit_or_load_teacher(
     checksum holds) or train it with cross-entropy and cache it. `evaluation`: `fit` settings for its
     evaluation (an evaluation set, or a language model's evaluator)."""
     spec: TeacherSpec = recipe.teacher  # type: ignore[assignment]
-    hit = read_teacher_cache(cached) if spec.train.cache else None
+    hit = _teacher_cache_entry(cached) if spec.train.cache else None
+    if isinstance(hit, str):  # a damaged entry: set aside (never used, never deleted), the teacher retrained
+        _set_aside(cached, hit)
+        hit = None
     if hit is not None:
         weights, manifest = hit
         load(teacher, weights)
@@ -144,12 +151,57 @@ def fit_or_load_teacher(
 
 
 def read_teacher_cache(cached: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The cached teacher's weights file and manifest, when both are there and the checksum holds."""
+    """The cached teacher's weights file and manifest, when both are there, well-formed, and the checksum
+    holds; None otherwise (a miss: the teacher is trained again)."""
+    entry = _teacher_cache_entry(cached)
+    return entry if isinstance(entry, tuple) else None
+
+
+def _teacher_cache_entry(cached: Path) -> tuple[Path, dict[str, Any]] | str | None:
+    """(weights, manifest) for a good entry; what is wrong with a damaged one; None when there is none."""
     manifest_path, weights = cached / "manifest.json", cached / "model.safetensors"
-    if not (manifest_path.exists() and weights.exists()):
+    if not cached.exists() and not cached.is_symlink():
         return None
-    manifest = json.loads(manifest_path.read_text())
-    return (weights, manifest) if sha256_file(weights) == manifest["sha256"] else None
+    if not cached.is_dir():
+        return "is not a folder"
+    if not manifest_path.is_file():
+        return "has no manifest.json"
+    if not weights.is_file():
+        return "has no model.safetensors"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "has a manifest.json that is not JSON"
+    if not isinstance(manifest, dict):
+        return "has a manifest.json that is not a JSON object"
+    digest = manifest.get("sha256")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        return "has a manifest without the weights' sha256"
+    if not isinstance(manifest.get("metrics"), dict) or not isinstance(
+        manifest.get("train_seconds"), int | float
+    ):
+        return "has a manifest without the teacher's metrics"
+    if not isinstance(manifest.get("history", []), list):
+        return "has a manifest with a malformed history"
+    if sha256_file(weights) != digest:
+        return "fails its checksum (model.safetensors changed or damaged)"
+    return weights, manifest
+
+
+def _set_aside(cached: Path, reason: str) -> None:
+    """Move a damaged entry to a `.damaged-<time>` sibling (kept for inspection) with one warning line."""
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes found it: rank 0 moves it and says so
+        return
+    stamp = f"{cached.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, number = cached.with_name(stamp), 1
+    while aside.exists() or aside.is_symlink():
+        aside, number = cached.with_name(f"{stamp}-{number}"), number + 1
+    try:
+        os.rename(cached, aside)
+        moved = f"set aside as {aside.name}"
+    except OSError as err:  # another run moved it first, or the cache is read-only: train anyway
+        moved = f"could not set it aside ({err.strerror or err})"
+    warn(f"cached teacher {cached} {reason}: {moved}; training the teacher again")
 
 
 def write_teacher_cache(cached: Path, teacher: nn.Module, info: TeacherInfo, spec: TeacherSpec) -> None:

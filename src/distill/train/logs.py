@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,12 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distill.io import atomic_write_json, atomic_write_text
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (a damaged file set aside, a fallback taken): never a traceback, never a
+    wrapped paragraph."""
+    print("warning: " + " ".join(message.split()), file=sys.stderr, flush=True)
 
 
 def progress_bar(enabled: bool) -> Progress:
@@ -29,6 +36,16 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+def _row(line: str) -> dict[str, Any] | None:
+    """A `metrics.jsonl` line's row, or None for anything else (a torn line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return row if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 class RunLog:
     def __init__(self, run_dir: Path | None, *, main_process: bool, tensorboard: bool) -> None:
         self.run_dir = run_dir if main_process else None
@@ -41,12 +58,17 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / "metrics.jsonl"
         if resumed_step is not None and log.exists():
-            # Drop what was logged after the checkpoint: those steps are about to run again.
-            kept = [
-                line
-                for line in log.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resumed_step
-            ]
+            # Drop what was logged after the checkpoint: those steps are about to run again. A line that is
+            # not a log row (the torn last line of a killed run) is dropped with one warning.
+            kept, torn = [], 0
+            for line in log.read_text(errors="replace").splitlines():
+                row = _row(line)
+                if row is None:
+                    torn += bool(line.strip())
+                elif row["step"] <= resumed_step:
+                    kept.append(line)
+            if torn:
+                warn(f"{log}: dropped {torn} unreadable line(s) (a write cut short) while resuming")
             atomic_write_text(log, "".join(line + "\n" for line in kept))
         elif resumed_step is None:
             atomic_write_text(log, "")
