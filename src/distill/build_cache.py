@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distill.cache.indexed import rows_per_sample
-from distill.cache.store import CacheWriter
 from distill.cache.targets import default_slots, rows_with_tail_draws, topk_rows
+from distill.cache.writer import CacheWriter
 from distill.errors import UserError
 from distill.heads import call_model
 from distill.io import fingerprint

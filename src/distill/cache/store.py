@@ -26,329 +26,19 @@ every shard's sha256 and its tensors' shapes against k, its rows and samples. No
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from filelock import FileLock, Timeout
 from safetensors import safe_open
 from torch import Tensor
 
+from distill.cache.manifest import MANIFEST, Shard, first_line, read_manifest, topk_objectives
 from distill.errors import UserError
-from distill.io import atomic_write_json, save_tensors, sha256_file
+from distill.io import sha256_file
 
 if TYPE_CHECKING:
     from distill.losses.sparse import SparseTargets
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-LOCK = ".distill-cache.lock"
-# Fields two caches must share to be the same cache (a writer resumes only into a matching folder).
-IDENTITY = (
-    "targets",
-    "format",
-    "kind",
-    "teacher",
-    "tokenizer",
-    "data",
-    "samples",
-    "k",
-    "vocab",
-    "temperature",
-    "hidden",
-)
-SHARD_FIELDS = ("file", "first", "samples", "rows", "sha256")
-_SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
-# What `distill.io`'s atomic writes leave behind when the process is killed mid-write.
-_TEMPORARY = re.compile(r"\.(manifest\.json|shard-\d{5,}\.safetensors)\..+\.tmp")
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass
-class Shard:
-    file: str
-    first: int  # first sample id
-    samples: int
-    rows: int
-    sha256: str
-
-    @property
-    def end(self) -> int:
-        return self.first + self.samples
-
-
-def topk_objectives() -> list[str]:
-    """Registered objectives that learn from top-k targets."""
-    from distill.objectives import OBJECTIVES
-
-    return [name for name in OBJECTIVES.names() if OBJECTIVES.build(name).accepts_topk]
-
-
-def _is_count(value: Any, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_temperature(value: Any) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
-
-
-def _malformed(folder: Path, what: str) -> UserError:
-    return UserError(
-        f"teacher cache {folder}: malformed {MANIFEST} ({what}); make the cache again "
-        "(`distill cache ... --overwrite`)"
-    )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
-
-
-def _inside(folder: Path, name: str) -> bool:
-    """Whether `folder / name` is, links resolved, a direct entry of `folder`."""
-    return (folder / name).resolve().parent == folder.resolve()
-
-
-def read_manifest(folder: Path) -> tuple[dict[str, Any], list[Shard]] | None:
-    """The cache's manifest and its shards, schema-checked (one line for anything malformed); None when the
-    folder holds no manifest."""
-    path = folder / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"teacher cache {folder}: unreadable {MANIFEST} ({_first_line(err)})") from err
-    return manifest, _validate(folder, manifest)
-
-
-def _validate(folder: Path, manifest: Any) -> list[Shard]:
-    if not isinstance(manifest, dict):
-        raise _malformed(folder, "not a JSON object")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise UserError(
-            f"teacher cache {folder}: format {manifest.get('format')!r}, this version of distill reads "
-            f"{FORMAT_VERSION}; make the cache again (`distill cache ... --overwrite`)"
-        )
-    required = (
-        ("samples", _is_count, "a count"),
-        ("k", lambda v: _is_count(v, 1), "a positive count"),
-        ("temperature", _is_temperature, "a positive number"),
-        ("complete", lambda v: isinstance(v, bool), "true or false"),
-        ("shards", lambda v: isinstance(v, list), "a list"),
-    )
-    optional = (
-        ("hidden", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
-        ("vocab", lambda v: _is_count(v, 1), "a positive count"),
-        ("kind", lambda v: isinstance(v, str), "a string"),
-        ("teacher", lambda v: isinstance(v, str), "a string"),
-        ("data", lambda v: isinstance(v, str), "a string"),
-        ("tokenizer", lambda v: v is None or isinstance(v, str), "a string or null"),
-    )
-    for field, valid, meaning in required + optional:
-        if field not in manifest:
-            if any(field == name for name, _, _ in required):
-                raise _malformed(folder, f"no '{field}'")
-            continue
-        if not valid(manifest[field]):
-            raise _malformed(folder, f"'{field}' is not {meaning}")
-    shards: list[Shard] = []
-    end = 0
-    for position, entry in enumerate(manifest["shards"]):
-        where = f"shards[{position}]"
-        if not isinstance(entry, dict):
-            raise _malformed(folder, f"{where} is not an object")
-        missing = [f for f in SHARD_FIELDS if f not in entry]
-        if missing:
-            raise _malformed(folder, f"{where} has no '{missing[0]}'")
-        extra = sorted(set(entry) - set(SHARD_FIELDS))
-        if extra:
-            raise _malformed(folder, f"{where} has an unknown field '{extra[0]}'")
-        name = entry["file"]
-        if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or not _inside(folder, name):
-            raise UserError(
-                f"teacher cache {folder}: {where} names '{str(name)[:60]}', not a file of the cache folder"
-            )
-        for field in ("first", "samples", "rows"):
-            if not _is_count(entry[field], 1 if field == "samples" else 0):
-                raise _malformed(folder, f"{where}.{field} is not a count")
-        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
-            raise _malformed(folder, f"{where}.sha256 is not a sha256 digest")
-        if entry["first"] != end:
-            raise _malformed(
-                folder, f"{where} starts at sample {entry['first']}, the shards before end at {end}"
-            )
-        if any(s.file == name for s in shards):
-            raise _malformed(folder, f"{where} names {name} a second time")
-        shard = Shard(**{f: entry[f] for f in SHARD_FIELDS})
-        shards.append(shard)
-        end = shard.end
-    samples = manifest["samples"]
-    if end > samples or (manifest["complete"] and end != samples):
-        raise _malformed(folder, f"its shards hold {end} samples, it says {samples}")
-    return shards
-
-
-def _owned(name: str) -> bool:
-    """A name a cache writer puts in its folder."""
-    return name in {MANIFEST, LOCK} or bool(_SHARD_NAME.fullmatch(name) or _TEMPORARY.fullmatch(name))
-
-
-class CacheWriter:
-    """Appends samples in id order and writes a shard every `shard_samples` samples. One writer per folder
-    (a lock); `close()` (or `finish()`) releases it."""
-
-    def __init__(self, folder: Path, header: dict[str, Any], *, shard_samples: int, overwrite: bool) -> None:
-        self.folder = Path(folder)
-        self.header = {"format": FORMAT_VERSION, **header}
-        self.shard_samples = shard_samples
-        self.shards: list[Shard] = []
-        self._pending: list[dict[str, Tensor]] = []
-        self._pending_samples = 0
-        self._refuse_another(overwrite)  # read only: a refused folder is left as it was
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock: FileLock | None = FileLock(str(self.folder / LOCK), timeout=0)
-        try:
-            self._lock.acquire()
-        except Timeout:
-            self._lock = None
-            raise UserError(
-                f"another `distill cache` is writing into {self.folder}; wait for it or choose another --out"
-            ) from None
-        try:
-            self._recover(overwrite)
-        except BaseException:
-            self.close()
-            raise
-
-    def _refuse_another(self, overwrite: bool) -> None:
-        if not self.folder.exists():
-            return
-        if not self.folder.is_dir():
-            raise UserError(f"{self.folder} is not a folder; choose another --out")
-        if overwrite:
-            return
-        found = read_manifest(self.folder)  # malformed: one line (--overwrite replaces it)
-        if found is not None:
-            differs = [f for f in IDENTITY if found[0].get(f) != self.header.get(f)]
-            if differs:
-                raise UserError(
-                    f"{self.folder} holds a teacher cache with another {differs[0]}; "
-                    "choose another --out or pass --overwrite"
-                )
-        elif any(not _owned(entry.name) for entry in self.folder.iterdir()):
-            raise UserError(f"{self.folder} is not empty and holds no teacher cache; choose another --out")
-
-    def _recover(self, overwrite: bool) -> None:
-        """Keep the good shards of an earlier (killed) writer, drop everything else it left, and write the
-        manifest before any new shard: from here on a killed writer resumes."""
-        found = None if overwrite else read_manifest(self.folder)
-        for entry in self.folder.iterdir():  # a killed writer's temporaries; with --overwrite the old cache
-            if entry.is_file() and (
-                _TEMPORARY.fullmatch(entry.name)
-                or (overwrite and (entry.name == MANIFEST or _SHARD_NAME.fullmatch(entry.name)))
-            ):
-                entry.unlink(missing_ok=True)
-        if found is not None:
-            for shard in found[1]:
-                path = self.folder / shard.file
-                if (
-                    not path.is_file()
-                    or not _inside(self.folder, shard.file)
-                    or sha256_file(path) != shard.sha256
-                ):
-                    break  # a damaged shard: it and the ones after it are written again
-                self.shards.append(shard)
-        if found is None or len(self.shards) < len(found[1]) or not found[0].get("complete"):
-            self._write_manifest(complete=False)
-        self._remove_unlisted()
-
-    def _remove_unlisted(self) -> None:
-        """Shards the manifest does not list: written after its last update by a killed writer, or after a
-        damaged one. They are written again."""
-        listed = {shard.file for shard in self.shards}
-        for entry in self.folder.iterdir():
-            if _SHARD_NAME.fullmatch(entry.name) and entry.name not in listed:
-                entry.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def __enter__(self) -> CacheWriter:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    @property
-    def next_sample(self) -> int:
-        """The first sample id not yet stored (resume from here)."""
-        return (self.shards[-1].end if self.shards else 0) + self._pending_samples
-
-    @property
-    def complete(self) -> bool:
-        return self.next_sample >= self.header["samples"]
-
-    def add(
-        self, ids: Tensor, logprobs: Tensor, tail: Tensor, rows_per_sample: Tensor, **hidden: Tensor
-    ) -> None:
-        """One batch of consecutive samples: `rows_per_sample[i]` rows each, `ids`/`logprobs` (rows, k)."""
-        part = {
-            "ids": ids.to(torch.int32).cpu(),
-            "logprobs": logprobs.to(torch.float16).cpu(),
-            "tail": tail.float().cpu(),
-            "counts": rows_per_sample.to(torch.int64).cpu(),
-        }
-        part |= {f"hidden.{name}": value.to(torch.float16).cpu() for name, value in hidden.items()}
-        self._pending.append(part)
-        self._pending_samples += len(rows_per_sample)
-        while self._pending_samples >= self.shard_samples:
-            self._flush(self.shard_samples)
-
-    def finish(self) -> dict[str, Any]:
-        try:
-            if self._pending_samples:
-                self._flush(self._pending_samples)
-            if not self.complete:
-                raise UserError(
-                    f"teacher cache {self.folder}: {self.next_sample} of {self.header['samples']} samples"
-                )
-            manifest = self._write_manifest(complete=True)
-            self._remove_unlisted()
-            return manifest
-        finally:
-            self.close()
-
-    def _flush(self, samples: int) -> None:
-        """Write the first `samples` pending samples as one shard."""
-        joined = {k: torch.cat([p[k] for p in self._pending]) for k in self._pending[0]}
-        counts = joined.pop("counts")
-        rows = int(counts[:samples].sum())
-        tensors = {k: v[:rows] for k, v in joined.items()}
-        if bool((counts[:samples] != 1).any()):  # one row per sample (classification) needs no offsets
-            tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts[:samples].cumsum(0)])
-        first = self.next_sample - self._pending_samples
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        save_tensors(self.folder / name, tensors)
-        self.shards.append(Shard(name, first, samples, rows, sha256_file(self.folder / name)))
-        rest = {k: v[rows:] for k, v in joined.items()} | {"counts": counts[samples:]}
-        self._pending = [rest] if len(rest["counts"]) else []
-        self._pending_samples -= samples
-        self._write_manifest(complete=False)
-
-    def _write_manifest(self, *, complete: bool) -> dict[str, Any]:
-        manifest = self.header | {"complete": complete, "shards": [vars(s) for s in self.shards]}
-        atomic_write_json(self.folder / MANIFEST, manifest)
-        return manifest
 
 
 class TeacherCache:
@@ -422,7 +112,7 @@ class TeacherCache:
                     layout[name] = (tuple(part.get_shape()), part.get_dtype())
                 offsets = handle.get_tensor("offsets") if "offsets" in layout else None
         except Exception as err:  # safetensors raises its own error types on a forged or broken file
-            return f"is not a readable safetensors file ({_first_line(err)})"
+            return f"is not a readable safetensors file ({first_line(err)})"
         k, rows, samples = self.k, shard.rows, shard.samples
         expected = {"ids": ((rows, k), "I32"), "logprobs": ((rows, k), "F16"), "tail": ((rows,), "F32")}
         for name, (shape, dtype) in expected.items():
@@ -502,7 +192,7 @@ class TeacherCache:
                     self._loaded[index] = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             except Exception as err:  # safetensors raises its own error types on a forged or broken file
                 raise UserError(
-                    f"teacher cache {self.folder}: shard {shard.file} is unreadable ({_first_line(err)})"
+                    f"teacher cache {self.folder}: shard {shard.file} is unreadable ({first_line(err)})"
                 ) from err
         return self._loaded[index]
 

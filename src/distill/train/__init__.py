@@ -2,7 +2,8 @@
 
 from distill.objectives.terms import Term
 from distill.train.config import FitResult, TrainerConfig
+from distill.train.fitting import fit
 from distill.train.optim import OptimizerConfig, ScheduleConfig
-from distill.train.trainer import Trainer, fit
+from distill.train.trainer import Trainer
 
 __all__ = ["FitResult", "OptimizerConfig", "ScheduleConfig", "Term", "Trainer", "TrainerConfig", "fit"]

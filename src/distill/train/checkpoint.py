@@ -17,6 +17,7 @@ refused in one line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -467,3 +468,23 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
 
 def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
     scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The trainer's counters in `state.json`, each with its check: a checkpoint whose state fails one is damaged.
+TRAINER_STATE: dict[str, Any] = {
+    "epoch": _count,
+    "batch": _count,
+    "history": lambda rows: isinstance(rows, list) and all(isinstance(row, dict) for row in rows),
+    "train_seconds": _number,
+    "epoch_loss_sum": _number,
+    "epoch_batches": _count,
+    "scheduler": lambda value: isinstance(value, dict),
+}

@@ -29,6 +29,7 @@ from distill.objectives.terms import BatchTransform, TermLike, as_term
 from distill.teachers import Teacher, as_teacher
 from distill.train.batches import counted_rows, make_loader, predict, split_batch
 from distill.train.checkpoint import (
+    TRAINER_STATE,
     full_states,
     restore_scheduler,
     resume_checkpoint,
@@ -224,21 +225,6 @@ class Trainer:
         if self.run_dir is None:
             return None
 
-        def count(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-        def number(value: Any) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-        required = {
-            "epoch": count,
-            "batch": count,
-            "history": lambda rows: isinstance(rows, list) and all(isinstance(row, dict) for row in rows),
-            "train_seconds": number,
-            "epoch_loss_sum": number,
-            "epoch_batches": count,
-            "scheduler": lambda value: isinstance(value, dict),
-        }
         checkpoint = resume_checkpoint(
             self.run_dir,
             model=self.accelerator.unwrap_model(self.student),
@@ -246,7 +232,7 @@ class Trainer:
             objectives=self.saved_state,
             fingerprint=self.fingerprint,
             identity={"seed": self.config.seed},
-            required=required,
+            required=TRAINER_STATE,
             restore=lambda state: restore_scheduler(self.scheduler, state["scheduler"]),
             quiet=not self.accelerator.is_main_process,
         )
@@ -473,53 +459,3 @@ class Trainer:
         self.log.close()
         self.step.remove_hooks()
         return result
-
-
-def fit(
-    student: nn.Module,
-    train_data: Dataset | DataLoader,
-    *,
-    teacher: Teacher | nn.Module | None = None,
-    eval_data: Dataset | DataLoader | None = None,
-    objectives: Sequence[TermLike] = ("cross_entropy",),
-    optimizer: OptimizerConfig | None = None,
-    schedule: ScheduleConfig | None = None,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    fingerprint: str = "",
-    label: str = "train",
-    evaluator: Callable[[nn.Module, nn.Module | None], dict[str, float]] | None = None,
-    batch_transform: BatchTransform | None = None,
-    teacher_cache: TeacherCache | None = None,
-    **config: Any,
-) -> FitResult:
-    """Train `student` on `train_data` with `objectives`, distilling from `teacher` if given: a model (kept
-    frozen) or any `distill.teachers.Teacher` (ensemble, router, co-trained peer, EMA of the student).
-
-    Keyword arguments beyond these are `TrainerConfig` fields (`epochs=30`, `batch_size=32`, ...).
-    Objectives: names (`"hinton_kd"`), `(name, weight)`, `(name, weight, params)`, `Term`s or objects.
-    `evaluator(student, teacher) -> metrics`, if given, replaces the classification metrics (language models).
-    `batch_transform(batch, student, progress) -> batch` rewrites each training micro-batch first.
-    `teacher_cache` (a `distill.cache.TeacherCache`, with `train_data` wrapped in `IndexedDataset`) replaces
-    the teacher by its cached top-k targets.
-    """
-    unknown = set(config) - set(TrainerConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"fit() got unknown settings: {', '.join(sorted(unknown))}")
-    trainer = Trainer(
-        student,
-        train_data,
-        teacher=teacher,
-        eval_data=eval_data,
-        objectives=objectives,
-        optimizer=optimizer,
-        schedule=schedule,
-        config=TrainerConfig(**config),
-        run_dir=run_dir,
-        fingerprint=fingerprint,
-        label=label,
-        evaluator=evaluator,
-        batch_transform=batch_transform,
-        teacher_cache=teacher_cache,
-    )
-    return trainer.fit(resume=resume)
