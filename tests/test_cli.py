@@ -83,7 +83,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 def test_validate_and_methods() -> None:
     result = run_cli("validate", "src/distill/recipes/quickstart.yaml", cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
-    assert "valid (3 method(s) x 3 seed(s))" in result.stdout
+    assert "valid, task classification (3 method(s) x 3 seed(s))" in result.stdout
     listing = run_cli("methods").stdout.splitlines()
     names = [line.split()[0] for line in listing if line.strip()]
     for expected in ("cross_entropy", "hinton_kd", "dkd"):

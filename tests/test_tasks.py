@@ -107,3 +107,24 @@ def test_schedules_count_the_steps_of_one_process(monkeypatch) -> None:
     per_epoch = steps_per_epoch(100, 10, 1, world_size())
     schedule = schedule_config(ScheduleSpec(name="step", warmup_epochs=1, milestones=[2, 4]), per_epoch)
     assert schedule.warmup_steps == 5 and schedule.milestones == [10, 20]
+
+
+def test_validate_names_the_task_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    import yaml
+
+    from distill.recipe.load import builtin_recipe_text
+
+    data = yaml.safe_load(builtin_recipe_text("quickstart"))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ok = subprocess.run(
+        [sys.executable, "-m", "distill", "validate", str(path)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "task classification" in ok.stdout
+    data["task"] = "clasification"
+    path.write_text(yaml.safe_dump(data))
+    bad = subprocess.run(
+        [sys.executable, "-m", "distill", "validate", str(path)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "did you mean 'classification'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -66,11 +66,17 @@ def validate(recipe: Annotated[Path, typer.Argument(help="recipe YAML")]) -> Non
     """Check a recipe (schema, names, parameters) without training anything."""
     from distill.recipe import load_recipe
     from distill.recipe.check import check_recipe
+    from distill.tasks import task_for
 
     loaded = load_recipe(recipe)
     check_recipe(loaded, str(recipe))
+    task = task_for(loaded)
+    task.check(loaded)
     methods = loaded.method_list()
-    console.print(f"{recipe}: valid ({len(methods)} method(s) x {len(loaded.seeds)} seed(s))")
+    console.print(
+        f"{recipe}: valid, task {task.name} ({len(methods)} method(s) x {len(loaded.seeds)} seed(s))",
+        soft_wrap=True,
+    )
 
 
 @app.command()
