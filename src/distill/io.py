@@ -53,7 +53,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors, atomically; tensors are made contiguous and moved to the CPU first."""
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    cpu, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        shared = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else None
+        # safetensors refuses tensors that share memory (tied input / output embeddings): each gets a copy.
+        cpu[key] = value.clone() if shared is not None and shared in seen else value
+        seen.add(shared)
     _atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 

@@ -151,7 +151,10 @@ class RunFolder:
     # --------------------------------------------------------------------------------- writing
     def claim(self) -> None:
         """Create the folder (if needed), lock it and record the entries this run owns. Idempotent."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"output folder {self.path} cannot be made ({err.strerror})") from None
         if _is_main_process():
             self._lock_now()
         self.record()

@@ -24,9 +24,15 @@ def digits(
     bunch = load_digits()
     images = (bunch.images.astype(np.float32) / 16.0 - 0.5) / 0.5  # pixel values 0..16 -> [-1, 1]
     labels = bunch.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed
-    )
+    try:
+        x_train, x_test, y_train, y_test = train_test_split(
+            images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed
+        )
+    except ValueError:  # a stratified split needs every class on both sides
+        raise UserError(
+            f"data: test_fraction {test_fraction:g} leaves one split of the {len(labels)} images with fewer "
+            "images than the 10 classes; choose a fraction between 0.01 and 0.99"
+        ) from None
     full_train = tensor_dataset(torch.from_numpy(x_train)[:, None], torch.from_numpy(y_train))
     test = tensor_dataset(torch.from_numpy(x_test)[:, None], torch.from_numpy(y_test))
     description = f"scikit-learn digits: {len(y_train)} train / {len(y_test)} test images (8x8, 10 classes)"

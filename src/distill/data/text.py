@@ -29,10 +29,32 @@ from torch.utils.data import Dataset
 
 from distill.data.base import DataSplits
 from distill.errors import UserError
+from distill.io import cache_root
 
 FORMATS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 LAYOUTS = ("auto", "prompt_completion", "chat", "text")
 ANSWER_SEPARATOR = "####"  # GSM8K's convention: exact match compares what follows the last separator
+ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
+MAX_GENERATED = 2**20  # max_new_tokens: longer than any model's context
+MAX_SYNTHETIC = 10**7  # arithmetic: problems per split
+
+
+def clipped(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` on one line (control characters escaped, `\\n` for a line break) and cut to `limit`
+    characters: an error line never echoes unbounded input, nor breaks in two."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    return clipped(repr(value), limit)
+
+
+def _whole(key: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        upper = "" if high == 2**63 - 1 else f" and at most {high}"
+        raise UserError(f"data.params.{key}: must be a whole number >= {low}{upper}, got {shown(value)}")
+    return value
 
 
 @dataclass
@@ -112,24 +134,48 @@ def _quiet_datasets() -> None:
 
 
 def read_records(path: str | Path, fmt: str) -> list[dict[str, Any]]:
-    """Rows of a local file through `datasets` (offline). A plain-text file is one row `{"text": ...}`."""
+    """Rows of a local file through `datasets` (offline). A plain-text file is one row `{"text": ...}`.
+    Text formats must be UTF-8: a binary or otherwise encoded file is refused in one line that says where."""
+    if not isinstance(path, str | Path) or not str(path):
+        raise UserError(f"data.params.path: expected a file name, got {shown(path)}")
     file = Path(path)
+    name = clipped(str(file), 200)
     if not file.is_file():
-        raise UserError(f"data: file not found: {file}")
-    if file.stat().st_size == 0 or not file.read_bytes().strip():
-        raise UserError(f"data: {file} is empty")
-    if fmt == "text":
-        return [{"text": file.read_text()}]
+        raise UserError(f"data: file not found: {name}")
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise UserError(f"data: cannot read {name} ({err.strerror or err})") from err
+    if not raw.strip():
+        raise UserError(f"data: {name} is empty")
+    if fmt != "parquet":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"data: {name} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                "save it as UTF-8"
+            ) from None
+        if "\0" in text:
+            raise UserError(f"data: {name} holds NUL bytes: a binary file, not {fmt} text")
+        if fmt == "text":
+            return [{"text": text}]
     import datasets
 
     _quiet_datasets()
     try:
-        table = datasets.load_dataset(FORMATS[fmt], data_files=str(file), split="train")
-    except Exception as err:  # datasets raises many types for a malformed file
-        raise UserError(f"data: cannot read {file} as {fmt} ({str(err).splitlines()[0]})") from err
-    if len(table) == 0:
-        raise UserError(f"data: {file} is empty")
-    return table.to_list()
+        # Its arrow copy goes to distill's cache, never to ~/.cache/huggingface (a run writes only its
+        # folder and `$DISTILL_CACHE`).
+        cache = cache_root().expanduser() / "datasets"
+        table = datasets.load_dataset(FORMATS[fmt], data_files=str(file), split="train", cache_dir=str(cache))
+        if len(table) == 0:
+            raise UserError(f"data: {name} is empty")
+        return table.to_list()
+    except UserError:
+        raise
+    except Exception as err:  # datasets / pyarrow raise many types for a malformed file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"data: cannot read {name} as {fmt} ({clipped(first, 200)})") from err
 
 
 def detect_layout(records: list[dict[str, Any]], fields: dict[str, str], where: str) -> str:
@@ -141,18 +187,39 @@ def detect_layout(records: list[dict[str, Any]], fields: dict[str, str], where: 
     if fields["text"] in columns:
         return "text"
     raise UserError(
-        f"data: {where} has none of the fields '{fields['prompt']}'/'{fields['completion']}', "
-        f"'{fields['messages']}' or '{fields['text']}' (columns: {', '.join(sorted(columns))})"
+        f"data: {clipped(where, 200)} has none of the fields '{clipped(fields['prompt'])}'/"
+        f"'{clipped(fields['completion'])}', '{clipped(fields['messages'])}' or '{clipped(fields['text'])}' "
+        f"(columns: {clipped(', '.join(sorted(map(str, columns))), 200)})"
     )
+
+
+def _check_messages(records: list[dict[str, Any]], name: str, where: str) -> None:
+    """Chat rows: `name` holds a list of `{role, content}` mappings with text values."""
+    for index, record in enumerate(records):
+        messages = record[name]
+        problem = None
+        if not isinstance(messages, list):
+            problem = f"is {type(messages).__name__}, not a list of messages"
+        else:
+            for message in messages:
+                if not isinstance(message, dict):
+                    problem = f"holds {shown(message)}, not a {{role, content}} mapping"
+                elif not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                    problem = f"holds a message without a text 'role' and 'content': {shown(message)}"
+                if problem:
+                    break
+        if problem:
+            raise UserError(f"data: {where} row {index + 1}: '{clipped(name)}' {problem}")
 
 
 def _require(records: list[dict[str, Any]], names: list[str], where: str) -> None:
     for index, record in enumerate(records):
         for name in names:
             if record.get(name) is None:
-                columns = ", ".join(sorted(k for k, v in record.items() if v is not None))
+                columns = clipped(", ".join(sorted(str(k) for k, v in record.items() if v is not None)), 200)
                 raise UserError(
-                    f"data: {where} row {index + 1} has no '{name}' field (it has: {columns or 'nothing'})"
+                    f"data: {clipped(where, 200)} row {index + 1} has no '{clipped(name)}' field "
+                    f"(it has: {columns or 'nothing'})"
                 )
 
 
@@ -236,6 +303,7 @@ def tokenize_records(
         )
     if layout == "chat":
         _require(records, [fields["messages"]], where)
+        _check_messages(records, fields["messages"], where)
         return [chat_example(tokenizer, list(r[fields["messages"]]), max_length) for r in records]
     _require(records, [fields["prompt"], fields["completion"]], where)
     return [
@@ -274,11 +342,31 @@ def build_lm_data(
     """Tokenize `records` (and `test_records`, else a held-out `test_fraction`) into `LMData`."""
     if tokenizer is None:
         raise UserError("data: a language-model data set needs a tokenizer")
-    if layout not in LAYOUTS:
-        raise UserError(f"data: layout '{layout}' is not one of {', '.join(LAYOUTS)}")
-    if max_length < 2:
-        raise UserError("data: max_length must be at least 2")
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise UserError(f"data: layout {shown(layout)} is not one of {', '.join(LAYOUTS)}")
+    _whole("max_length", max_length, 2)
+    if prompt_tokens is not None:
+        _whole("prompt_tokens", prompt_tokens, 0)
+    if max_new_tokens is not None:
+        _whole("max_new_tokens", max_new_tokens, 1, MAX_GENERATED)
+    for key, limit in (("max_train_examples", max_train_examples), ("max_test_examples", max_test_examples)):
+        if limit is not None:
+            _whole(key, limit, 1)
+    if exact_match is not None and not isinstance(exact_match, bool):
+        raise UserError(f"data.params.exact_match: must be true or false, got {shown(exact_match)}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"data.params.seed: must be a whole number, got {shown(seed)}")
+    if fields is not None and (
+        not isinstance(fields, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fields.items())
+    ):
+        raise UserError(f"data.params.fields: must map field roles to column names, got {shown(fields)}")
     names = {"prompt": "prompt", "completion": "completion", "messages": "messages", "text": "text"}
+    unknown = set(fields or {}) - set(names)
+    if unknown:
+        raise UserError(
+            f"data.params.fields: unknown role {shown(sorted(unknown)[0])}; valid: {', '.join(names)}"
+        )
     names |= fields or {}
     if layout == "auto":
         layout = detect_layout(records, names, where)
@@ -286,8 +374,12 @@ def build_lm_data(
     if exact_match is None:
         exact_match = layout != "text"
     if test_records is None:
-        if not 0.0 < test_fraction < 1.0:
-            raise UserError("data: test_fraction must lie in (0, 1)")
+        if (
+            not isinstance(test_fraction, int | float)
+            or isinstance(test_fraction, bool)
+            or not 0.0 < test_fraction < 1.0
+        ):
+            raise UserError(f"data: test_fraction must lie in (0, 1), got {shown(test_fraction)}")
         if layout == "text":  # the last part of the text is held out
             text = "\n".join(str(r.get(names["text"], "")) for r in records)
             cut = int(len(text) * (1 - test_fraction))
@@ -346,11 +438,23 @@ def resolve_tokenizer(tokenizer: Any, records: list[dict[str, Any]], text_field:
     if isinstance(tokenizer, str | Path):
         return load_tokenizer(tokenizer)
     if isinstance(tokenizer, dict):
-        unknown = set(tokenizer) - {"bpe"}
-        if unknown:
-            raise UserError(f"data.params.tokenizer: unknown key {sorted(unknown)[0]!r}; expected 'bpe'")
-        settings = dict(tokenizer["bpe"] or {})
+        unknown = [key for key in tokenizer if key != "bpe"]
+        if unknown or "bpe" not in tokenizer:
+            got = f"unknown key {shown(unknown[0])}" if unknown else "no key 'bpe'"
+            raise UserError(f"data.params.tokenizer: {got}; expected a folder or {{bpe: {{vocab_size: N}}}}")
+        settings = tokenizer["bpe"] or {}
+        if not isinstance(settings, dict):
+            raise UserError(f"data.params.tokenizer.bpe: expected a mapping, got {shown(settings)}")
+        extra = [key for key in settings if key not in ("vocab_size", "min_frequency")]
+        if extra:
+            raise UserError(
+                f"data.params.tokenizer.bpe: unknown key {shown(extra[0])}; valid: vocab_size, min_frequency"
+            )
         return train_bpe(corpus_texts(records, text_field), **settings)
+    if not hasattr(tokenizer, "get_vocab"):  # a tokenizer object (Python callers), else a recipe's mistake
+        raise UserError(
+            f"data.params.tokenizer: expected a folder or {{bpe: {{vocab_size: N}}}}, got {shown(tokenizer)}"
+        )
     return tokenizer
 
 
@@ -402,7 +506,7 @@ def file_data(
         exact_match=exact_match,
         fields=fields,
         seed=seed,
-        where=str(path),
+        where=clipped(str(path), 200),
         max_train_examples=max_train_examples,
         max_test_examples=max_test_examples,
     )
@@ -430,8 +534,11 @@ def arithmetic_data(
     max_length: int = 64,
 ) -> LMData:
     """Synthetic multi-digit additions with a short scratchpad; exact match on the sum."""
-    if digits < 1 or train_examples < 1 or test_examples < 1:
-        raise UserError("data: arithmetic needs digits, train_examples and test_examples >= 1")
+    _whole("digits", digits, 1, 100)
+    _whole("train_examples", train_examples, 1, MAX_SYNTHETIC)
+    _whole("test_examples", test_examples, 1, MAX_SYNTHETIC)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"data.params.seed: must be a whole number, got {shown(seed)}")
     rng = random.Random(seed)
     records = [addition_record(rng, digits) for _ in range(train_examples + test_examples)]
     train, test = records[:train_examples], records[train_examples:]

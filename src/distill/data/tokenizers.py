@@ -27,6 +27,19 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 BPE_FORMAT = 1  # bump when the training recipe below changes, so cached tokenizers are rebuilt
+MAX_BPE_VOCABULARY = 2**24  # 16.7M tokens, 64x the largest vocabularies in use (Gemma's 262k)
+ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
+
+
+def clipped(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` on one line (control characters escaped, `\\n` for a line break) and cut to `limit`
+    characters: an error line never echoes unbounded input, nor breaks in two."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    return clipped(repr(value), limit)
 
 
 def cache_root() -> Path:
@@ -43,13 +56,18 @@ def load_tokenizer(path: str | Path) -> Any:
     """A tokenizer from a local folder (`save_pretrained` layout); never downloads."""
     from transformers import AutoTokenizer
 
+    if not isinstance(path, str | Path) or not str(path):
+        raise UserError(f"tokenizer: expected a folder name, got {shown(path)}")
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"tokenizer folder not found: {folder}")
+        raise UserError(f"tokenizer folder not found: {clipped(str(folder), 200)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {folder} ({str(err).splitlines()[0]})") from err
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"cannot load a tokenizer from {clipped(str(folder), 200)} ({clipped(first, 200)})"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -58,6 +76,15 @@ def load_tokenizer(path: str | Path) -> Any:
 def train_bpe(texts: Iterable[str], *, vocab_size: int = 1024, min_frequency: int = 2) -> Any:
     """A byte-level BPE tokenizer (digits split one by one, as Llama's) trained on `texts`, cached in
     `$DISTILL_CACHE/tokenizers/<hash of corpus and settings>` and reused when the corpus is unchanged."""
+    for key, value, low, high in (
+        ("vocab_size", vocab_size, 1, MAX_BPE_VOCABULARY),
+        ("min_frequency", min_frequency, 0, 2**32 - 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise UserError(
+                f"data.params.tokenizer.bpe.{key}: must be a whole number from {low} to {high}, "
+                f"got {shown(value)}"
+            )
     texts = list(texts)
     digest = hashlib.sha256(f"{BPE_FORMAT}/{vocab_size}/{min_frequency}".encode())
     for text in texts:

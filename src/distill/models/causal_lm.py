@@ -17,9 +17,21 @@ import torch
 from torch import nn
 
 from distill.errors import UserError
-from distill.models.registry import MODELS
+from distill.models.registry import MODELS, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Sizes every causal LM config has (under these names or aliases such as GPT-2's n_layer): each must be a
+# positive whole number (transformers builds a model of -1 layers, which fails only when it generates).
+CONFIG_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "head_dim",
+)
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 8,
     "lora_alpha": 16,
@@ -31,9 +43,15 @@ LORA_DEFAULTS: dict[str, Any] = {
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    if name not in DTYPES:
-        raise UserError(f"model dtype '{name}' is not one of {', '.join(DTYPES)}")
+    if not isinstance(name, str) or name not in DTYPES:
+        raise UserError(f"model dtype {shown(name)} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (Hugging Face nests validation errors over several), cut."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_causal_lm(
@@ -53,6 +71,12 @@ def build_causal_lm(
 
     if (config is None) == (path is None):
         raise UserError("an hf model needs exactly one of 'config' (a dict) or 'path' (a local folder)")
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"an hf model's config must be a mapping, got {shown(config)}")
+    if path is not None and not isinstance(path, str | Path):
+        raise UserError(f"an hf model's path must be a folder name, got {shown(path)}")
+    if lora is not None and not isinstance(lora, dict):
+        raise UserError(f"an hf model's lora settings must be a mapping, got {shown(lora)}")
     torch_dtype = _dtype(dtype)
     if path is not None:
         folder = Path(path)
@@ -68,12 +92,17 @@ def build_causal_lm(
                 "(refused unread; save it as safetensors)"
             ) from err
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot load a causal LM from {folder} ({str(err).splitlines()[0]})") from err
+            raise UserError(f"cannot load a causal LM from {folder} ({_one_line(err)})") from err
     else:
         settings = dict(config or {})
         model_type = settings.pop("model_type", None)
         if model_type is None:
             raise UserError("an hf model config needs 'model_type' (e.g. llama, gpt2, qwen2)")
+        if not isinstance(model_type, str):
+            raise UserError(f"an hf model config's model_type must be a name, got {shown(model_type)}")
+        bad_key = next((k for k in settings if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise UserError(f"an hf model config's keys must be names, got {shown(bad_key)}")
         if vocab_size is not None:
             settings.setdefault("vocab_size", vocab_size)
         for key, value in (special_tokens or {}).items():
@@ -81,9 +110,23 @@ def build_causal_lm(
                 settings.setdefault(key, value)
         try:
             hf_config = AutoConfig.for_model(model_type, **settings)
+            for key in CONFIG_SIZES:
+                value = getattr(hf_config, key, None)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise UserError(f"{key} must be a positive whole number, got {shown(value)}")
+            heads = getattr(hf_config, "num_attention_heads", None)
+            groups = getattr(hf_config, "num_key_value_heads", None)
+            if heads is not None and groups is not None and heads % groups:  # grouped-query attention
+                raise UserError(
+                    f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({groups})"
+                )
             model = AutoModelForCausalLM.from_config(hf_config)
-        except (KeyError, ValueError, TypeError) as err:
-            raise UserError(f"hf model config {model_type}: {str(err).splitlines()[0]}") from err
+        except MemoryError as err:
+            raise UserError(f"hf model config {shown(model_type)}: the model does not fit in memory") from err
+        except Exception as err:  # a config is the user's: any failure to build it is theirs
+            # (transformers raises KeyError, ValueError, TypeError, its strict dataclasses' validation
+            # errors for heads that do not divide the hidden size, torch RuntimeError for impossible sizes)
+            raise UserError(f"hf model config {shown(model_type)}: {_one_line(err)}") from err
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     model.config.use_cache = False  # training forward passes need no key/value cache

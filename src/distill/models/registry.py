@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from torch import nn
@@ -14,6 +15,35 @@ MODELS: Registry[nn.Module] = Registry("model")
 
 
 EXTERNAL_ZOOS = ("torchvision", "timm")
+ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to `limit` characters: an error line never echoes unbounded input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_widths(model: str, key: str, widths: Any) -> list[int]:
+    """Layer widths (hidden sizes, channel counts): a list of positive whole numbers."""
+    if not isinstance(widths, list | tuple) or not all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths
+    ):
+        raise UserError(
+            f"model '{model}': {key} must be a list of positive whole numbers, got {shown(widths)}"
+        )
+    return list(widths)
+
+
+def check_dropout(model: str, dropout: Any) -> float:
+    if (
+        not isinstance(dropout, int | float)
+        or isinstance(dropout, bool)
+        or not math.isfinite(dropout)
+        or not 0.0 <= dropout < 1.0
+    ):
+        raise UserError(f"model '{model}': dropout must be a number in [0, 1), got {shown(dropout)}")
+    return float(dropout)
 
 
 def split_model_name(spec: str) -> tuple[str, dict[str, str]]:
@@ -36,19 +66,27 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         for key in params:
             if key not in accepted:
-                hint = nearest(
-                    key, [k for k in accepted if k not in {"num_classes", "input_shape", "in_channels"}]
-                )
+                valid = [k for k in accepted if k not in {"num_classes", "input_shape", "in_channels"}]
+                hint = nearest(key, valid) if isinstance(key, str) else None
                 raise UserError(
-                    f"model '{name}' has no parameter '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+                    f"model '{name}' has no parameter {shown(key)}"
+                    + (f"; did you mean '{hint}'?" if hint else "")
                 )
     shape_args: dict[str, Any] = {"input_shape": tuple(input_shape)} if "input_shape" in accepted else {}
     if "in_channels" in accepted:
         shape_args["in_channels"] = input_shape[0]
     try:
         return factory(num_classes=num_classes, **shape_args, **params)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"model '{name}': {err}") from err
+    except (TypeError, ValueError, OverflowError, IndexError, ZeroDivisionError) as err:
+        raise UserError(f"model '{name}': {_first_line(err)}") from err
+    except RuntimeError as err:  # torch: a negative or impossible size, an allocation that cannot be made
+        raise UserError(f"model '{name}' cannot be built with these parameters ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

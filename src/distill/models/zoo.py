@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor, nn
 
-from distill.models.registry import MODELS
+from distill.models.registry import MODELS, check_dropout, check_widths
 
 
 @MODELS.register("mlp", summary="multi-layer perceptron on flattened inputs")
@@ -20,6 +20,8 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        hidden = check_widths("mlp", "hidden", hidden)
+        dropout = check_dropout("mlp", dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for size in hidden:
@@ -45,6 +47,8 @@ class SmallCNN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        channels = check_widths("small_cnn", "channels", channels)
+        dropout = check_dropout("small_cnn", dropout)
         stages: list[nn.Module] = []
         width = input_shape[0]
         for i, out in enumerate(channels):

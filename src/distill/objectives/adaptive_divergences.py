@@ -13,13 +13,20 @@ import torch
 from torch import Tensor
 
 from distill import losses
+from distill.errors import UserError
 from distill.objectives.base import (
     OBJECTIVES,
     Objective,
+    ParamError,
     Progress,
     StepOutputs,
     check_params,
+    flag,
+    number_in,
+    positive_number,
     register_logit_loss,
+    shown,
+    whole_number,
 )
 
 _TAID = (
@@ -35,10 +42,11 @@ _DECOUPLING = (
 )
 
 
+MAX_SEED = 2**32 - 1  # as the recipe's seeds
+
+
 def _teacher(outputs: StepOutputs, name: str) -> Tensor:
     if outputs.teacher_logits is None:
-        from distill.errors import UserError
-
         raise UserError(f"objective '{name}' needs teacher logits, but the step has none")
     return outputs.teacher_logits
 
@@ -56,8 +64,11 @@ class TAIDSchedule(torch.nn.Module):
         adaptive: bool = True,
     ) -> None:
         super().__init__()
-        if not (0.0 <= t_start < 1.0 and 0.0 < t_end <= 1.0 and 0.0 <= alpha <= 1.0):
-            raise ValueError("TAID needs 0 <= t_start < 1, 0 < t_end <= 1 and 0 <= alpha <= 1")
+        t_start = number_in("taid", "t_start", t_start, 0.0, 1.0, high_open=True)
+        t_end = number_in("taid", "t_end", t_end, 0.0, 1.0, low_open=True)
+        alpha = number_in("taid", "alpha", alpha, 0.0, 1.0)
+        beta = number_in("taid", "beta", beta, 0.0, 1.0)
+        adaptive = flag("taid", "adaptive", adaptive)
         self.t_start, self.t_end, self.alpha, self.beta, self.adaptive = t_start, t_end, alpha, beta, adaptive
         self.register_buffer("t", torch.tensor(float(t_start), dtype=torch.float64))
         self.register_buffer("prev_loss", torch.tensor(math.inf, dtype=torch.float64))
@@ -88,7 +99,7 @@ class TAIDObjective(Objective):
     def __init__(self, *, temperature: float = 1.0, **schedule: Any) -> None:
         super().__init__()
         check_params("taid", TAIDSchedule.__init__, schedule, reserved={"self"})
-        self.temperature = temperature
+        self.temperature = positive_number("taid", "temperature", temperature)
         self.schedule = TAIDSchedule(**schedule)
         self._ce_sum = 0.0
         self._ce_count = 0
@@ -137,20 +148,27 @@ class AdaKDObjective(Objective):
         min_ratio: float = 0.1,
     ) -> None:
         super().__init__()
-        if base not in losses.adaptive.BASE_DIVERGENCES:
-            from distill.errors import UserError
-
+        if not isinstance(base, str) or base not in losses.adaptive.BASE_DIVERGENCES:
             raise UserError(
-                f"objective 'adakd': unknown base '{base}'; valid: {sorted(losses.adaptive.BASE_DIVERGENCES)}"
+                f"objective 'adakd': unknown base {shown(base)}; "
+                f"valid: {sorted(losses.adaptive.BASE_DIVERGENCES)}"
             )
+        if base_params is not None and not isinstance(base_params, dict):
+            raise ParamError("adakd", "base_params", f"must be a mapping, got {shown(base_params)}")
         self.loss_params = dict(
             base=base,
-            temperature=temperature,
-            temperature_scale=temperature_scale,
-            inverse=inverse,
+            temperature=positive_number("adakd", "temperature", temperature),
+            temperature_scale=number_in("adakd", "temperature_scale", temperature_scale),
+            inverse=flag("adakd", "inverse", inverse),
             base_params=base_params,
         )
-        self.latf = dict(decay=decay, tolerance=tolerance, step=step, warmup=warmup, min_ratio=min_ratio)
+        self.latf = dict(
+            decay=number_in("adakd", "decay", decay, 0.0, 1.0),
+            tolerance=number_in("adakd", "tolerance", tolerance, 0.0),
+            step=number_in("adakd", "step", step, 0.0, 1.0),
+            warmup=number_in("adakd", "warmup", warmup, 0.0, 1.0),
+            min_ratio=number_in("adakd", "min_ratio", min_ratio, 0.0, 1.0, low_open=True),
+        )
         self.register_buffer("token_ratio", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("ema", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("reference", torch.tensor(math.nan, dtype=torch.float64))
@@ -183,8 +201,14 @@ class SwingObjective(Objective):
         check_params(
             "swing_kd", losses.swing_kd, params, reserved={"mask", "reduction", "privacy_scores", "seed"}
         )
+        seed = whole_number("swing_kd", "seed", seed, 0, MAX_SEED)
+        if "temperature" in params:
+            positive_number("swing_kd", "temperature", params["temperature"])
+        for key in ("swing", "noise_scale"):
+            if key in params:
+                number_in("swing_kd", key, params[key], 0.0)
         self.params = params
-        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
 
     def forward(self, outputs: StepOutputs) -> Tensor:
@@ -206,7 +230,11 @@ class BDKDObjective(Objective):
     def __init__(self, *, online: bool = False, **params: Any) -> None:
         super().__init__()
         check_params("bdkd", losses.bdkd, params, reserved={"mask", "reduction"})
-        self.online = online
+        if "temperature" in params:
+            positive_number("bdkd", "temperature", params["temperature"])
+        if "balance" in params:
+            number_in("bdkd", "balance", params["balance"], 0.0)
+        self.online = flag("bdkd", "online", online)
         self.params = params
 
     def forward(self, outputs: StepOutputs) -> Tensor:
@@ -226,7 +254,7 @@ class EntropyRegularizer(Objective):
 
     def __init__(self, *, temperature: float = 1.0) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.temperature = positive_number("entropy_regularizer", "temperature", temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         return -losses.student_entropy(

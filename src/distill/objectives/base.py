@@ -8,6 +8,7 @@ objective as buffers, so checkpoints carry them.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,9 +102,80 @@ def check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], rese
     ]
     for key in params:
         if key not in valid:
-            hint = nearest(key, valid)
+            hint = nearest(key, valid) if isinstance(key, str) else None
             suggestion = f"; did you mean '{hint}'?" if hint else f"; valid: {', '.join(valid) or 'none'}"
-            raise UserError(f"objective '{name}' has no parameter '{key}'{suggestion}")
+            raise UserError(f"objective '{name}' has no parameter {shown(key)}{suggestion}")
+
+
+# ------------------------------------------------------------------------- parameter values
+
+ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to `limit` characters: an error line never echoes unbounded input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ParamError(UserError):
+    """An objective parameter whose value the objective cannot use. `distill.recipe.check` places it in the
+    recipe: `objectives[0].params.temperature: must be a positive finite number, got nan`."""
+
+    def __init__(self, objective: str, key: str, problem: str) -> None:
+        self.objective, self.key, self.problem = objective, key, problem
+        super().__init__(f"objective '{objective}': params.{key}: {problem}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def positive_number(objective: str, key: str, value: Any) -> float:
+    """A positive finite number (a temperature, a scale)."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ParamError(objective, key, f"must be a positive finite number, got {shown(value)}")
+    return float(value)
+
+
+def number_in(
+    objective: str,
+    key: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite number in the interval from `low` to `high` (closed unless `low_open` / `high_open`)."""
+    if _is_number(value) and math.isfinite(value):
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if above and below:
+            return float(value)
+    if math.isinf(low) and math.isinf(high):
+        where = "a finite number"
+    elif math.isinf(high):
+        where = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif math.isinf(low):
+        where = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        where = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ParamError(objective, key, f"must be {where}, got {shown(value)}")
+
+
+def whole_number(objective: str, key: str, value: Any, low: int, high: int) -> int:
+    """An integer from `low` to `high` (seeds: 0 .. 2**32 - 1)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ParamError(objective, key, f"must be a whole number from {low} to {high}, got {shown(value)}")
+    return value
+
+
+def flag(objective: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ParamError(objective, key, f"must be true or false, got {shown(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -164,7 +236,9 @@ class LogitObjective(Objective):
         except (ValueError, TypeError) as err:
             raise UserError(f"objective '{self.loss_name}': {err}") from err
         if not torch.isfinite(value).all():
-            raise UserError(f"objective '{self.loss_name}' with {self.params} is not finite on a test batch")
+            raise UserError(
+                f"objective '{self.loss_name}' with {shown(self.params)} is not finite on a test batch"
+            )
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         if outputs.teacher_topk is not None and not self.accepts_topk:

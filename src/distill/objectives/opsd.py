@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from distill.errors import UserError
-from distill.objectives.base import OBJECTIVES, Objective, StepOutputs, build_objective
+from distill.objectives.base import OBJECTIVES, Objective, StepOutputs, build_objective, shown
 
 _OPSD = "Self-Distilled Reasoner: On-Policy Self-Distillation for Large Language Models (2026)"
 DIVERGENCES = ("reverse_kl", "forward_kl", "generalized_jsd", "kl_mixing", "total_variation")
@@ -42,9 +42,9 @@ class OPSDObjective(Objective):
 
     def __init__(self, *, divergence: str = "reverse_kl", **params: Any) -> None:
         super().__init__()
-        if divergence not in DIVERGENCES:
+        if not isinstance(divergence, str) or divergence not in DIVERGENCES:
             raise UserError(
-                f"objective 'opsd': divergence '{divergence}' is not one of {', '.join(DIVERGENCES)}"
+                f"objective 'opsd': divergence {shown(divergence)} is not one of {', '.join(DIVERGENCES)}"
             )
         self.divergence = build_objective(divergence, params)
         self.teacher: SelfTeacher | None = None

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from distill.errors import UserError
 from distill.losses.linear_cross_entropy import linear_cross_entropy
-from distill.objectives.base import OBJECTIVES, Objective, StepOutputs
+from distill.objectives.base import OBJECTIVES, Objective, StepOutputs, number_in, shown, whole_number
 
 
 class CrossEntropy(Objective):
@@ -23,10 +23,12 @@ class CrossEntropy(Objective):
 
     def __init__(self, *, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
         super().__init__()
+        label_smoothing = number_in("cross_entropy", "label_smoothing", label_smoothing)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(
-                f"objective 'cross_entropy': label_smoothing must lie in [0, 1), got {label_smoothing}"
+                f"objective 'cross_entropy': label_smoothing must lie in [0, 1), got {shown(label_smoothing)}"
             )
+        ignore_index = whole_number("cross_entropy", "ignore_index", ignore_index, -(2**63), 2**63 - 1)
         self.label_smoothing = label_smoothing
         self.ignore_index = ignore_index
 

@@ -173,6 +173,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 def _loc_text(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
+        if not isinstance(part, int):  # a key the user wrote: one line, and never unbounded
+            part = " ".join(str(part).split())
+            part = part if len(part) <= ECHO_LIMIT else part[: ECHO_LIMIT - 3] + "..."
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "recipe"
 

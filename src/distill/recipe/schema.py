@@ -1,13 +1,28 @@
 """The recipe: a YAML file validated by pydantic. Data only: a recipe never executes code.
 
 Every section forbids unknown keys (a misspelt key is named with the nearest valid one) and every number
-must be finite.
+must be finite. Ranges that are not obvious from the field (each with a regression test in
+`tests/test_recipe_values.py`):
+
+- seeds (`seeds`, `teacher.train.seed`): 0 .. 2**32 - 1, what NumPy's and torch's seeding both accept;
+- `optimizer.betas`: each in [0, 1), as Adam's running averages need;
+- `optimizer.weight_decay`: 0 .. 1000 (`MAX_WEIGHT_DECAY`); AdamW shrinks the weights by lr * wd per step and
+  SGD adds wd * w to the gradient, so beyond that every learning rate zeroes or blows up the weights;
+- `optimizer.lr`, and the peak the schedule reaches (lr x gamma^milestones when gamma > 1): at most 1e6
+  (`MAX_LR`); torch keeps the rate in float32, which a larger one overflows;
+- `data.batch_size`, `data.eval_batch_size`: at most 2**31 (`MAX_BATCH`);
+- `trainer.threads`: 1 .. max(1024, 4 x the CPU count) (`MAX_THREADS`): far above any machine's useful
+  count, far below where creating OpenMP threads fails (torch crashes at about 16k);
+- names: the recipe's name (a folder name under `runs/`) at most 100 characters; a method's name at most
+  120, and its folder name (`method_slug`) at most 200 bytes (file systems allow 255);
+- a method whose every objective has weight 0 would train nothing, and is refused.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,6 +34,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+MAX_SEED = 2**32 - 1
+MAX_WEIGHT_DECAY = 1e3
+MAX_LR = 1e6  # the learning rate, and its peak over the schedule (float32 overflows near 3.4e38)
+MAX_BATCH = 2**31  # samples per batch
+FLOAT_SETTINGS = ("temperature", "top_p")  # sampling settings transformers takes only as floats
+MAX_THREADS = max(1024, 4 * (os.cpu_count() or 1))
+MAX_NAME = 100  # the recipe's name, and names of registered things (models, data sets, objectives)
+MAX_METHOD_NAME = 120
+MAX_SLUG_BYTES = 200
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 def method_slug(name: str) -> str:
@@ -33,9 +61,23 @@ class Section(BaseModel):
 class ModelSpec(Section):
     """A model from the zoo by name, with its constructor parameters."""
 
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     params: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = Field(default=None, description="safetensors weights to start from")
+
+
+def refuse_overflowing_lr(optimizer: OptimizerSpec, schedule: ScheduleSpec, where: str) -> None:
+    """A step schedule with gamma > 1 raises the rate at each milestone: its peak must stay under `MAX_LR`."""
+    if schedule.name == "step" and schedule.gamma > 1 and schedule.milestones:
+        try:
+            peak = optimizer.lr * schedule.gamma ** len(schedule.milestones)
+        except OverflowError:
+            peak = float("inf")
+        if peak > MAX_LR:
+            raise ValueError(
+                f"{where}gamma: the learning rate would reach {peak:.3g} after {len(schedule.milestones)} "
+                f"milestone(s) (at most {MAX_LR:g})"
+            )
 
 
 class TeacherTraining(Section):
@@ -44,8 +86,13 @@ class TeacherTraining(Section):
     epochs: PositiveInt = 30
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec())
     schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec())
-    seed: int = 0
+    seed: Seed = 0
     cache: bool = True
+
+    @model_validator(mode="after")
+    def _peak_lr(self) -> TeacherTraining:
+        refuse_overflowing_lr(self.optimizer, self.schedule, "schedule.")
+        return self
 
 
 class TeacherSpec(ModelSpec):
@@ -53,7 +100,7 @@ class TeacherSpec(ModelSpec):
     whose top-k targets replace the teacher (no model is loaded). With both, the cache must come from that
     teacher."""
 
-    name: str | None = None  # type: ignore[assignment]
+    name: str | None = Field(default=None, max_length=MAX_NAME)  # type: ignore[assignment]
     train: TeacherTraining = Field(default_factory=TeacherTraining)
     cache: Path | None = Field(default=None, description="a teacher cache folder (`distill cache`)")
 
@@ -65,10 +112,10 @@ class TeacherSpec(ModelSpec):
 
 
 class DataSpec(Section):
-    name: str = "digits"
+    name: str = Field(default="digits", max_length=MAX_NAME)
     params: dict[str, Any] = Field(default_factory=dict)
-    batch_size: PositiveInt = 64
-    eval_batch_size: PositiveInt = 512
+    batch_size: PositiveInt = Field(default=64, le=MAX_BATCH)
+    eval_batch_size: PositiveInt = Field(default=512, le=MAX_BATCH)
 
 
 class SourceSpec(Section):
@@ -81,41 +128,93 @@ class SourceSpec(Section):
     name: Literal["dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd"] = "dataset"
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("params")
+    @classmethod
+    def _float_settings(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Sampling settings written as whole numbers (`temperature: 2`) are read as floats: transformers'
+        `generate` refuses an int temperature, mid-run. SODA's `teacher` settings likewise."""
+
+        def floats(mapping: dict[str, Any]) -> dict[str, Any]:
+            out = dict(mapping)
+            for key, value in mapping.items():
+                if key in FLOAT_SETTINGS and isinstance(value, int) and not isinstance(value, bool):
+                    try:
+                        out[key] = float(value)
+                    except OverflowError:
+                        raise ValueError(f"{key}: {str(value)[:20]}... is too large a number") from None
+                elif key == "teacher" and isinstance(value, dict):
+                    out[key] = floats(value)
+            return out
+
+        return floats(params)
+
     @model_validator(mode="after")
     def _onpolicy_params(self) -> SourceSpec:
         if self.name not in ("dataset", "teacher_generations"):
             from distill.errors import UserError
+            from distill.recipe.check import check_param_values
             from distill.sources import check_source
+            from distill.sources.generations import GenerationSettings
+            from distill.sources.plan import SETTINGS
+            from distill.sources.rollouts import CurriculumSettings
 
             try:
+                # the types first: the sources' own checks compare values, and take `inf` for a count
+                check_param_values(SETTINGS[self.name], self.params, "params")
+                for key, kind in (("length_curriculum", CurriculumSettings), ("teacher", GenerationSettings)):
+                    if isinstance(self.params.get(key), dict):
+                        check_param_values(kind, self.params[key], f"params.{key}")
                 check_source(self.name, self.params)
             except UserError as err:  # pydantic adds where in the recipe
                 raise ValueError(str(err)) from None
+            except (TypeError, ValueError, OverflowError) as err:  # a check met a value of a wrong type
+                problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise ValueError(f"source '{self.name}': {problem}") from None
         return self
 
 
 class ObjectiveSpec(Section):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     weight: float = Field(default=1.0, ge=0.0)
     params: dict[str, Any] = Field(default_factory=dict)
     warmup_epochs: float = Field(default=0.0, ge=0.0, description="ramp the weight linearly from 0")
 
 
+def refuse_all_zero_weights(objectives: list[ObjectiveSpec], owner: str) -> None:
+    if all(term.weight == 0 for term in objectives):
+        raise ValueError(f"every objective of {owner} has weight 0: it would train nothing")
+
+
 class MethodSpec(Section):
     """One way to train the student: a named list of weighted objectives."""
 
-    name: str
+    name: str = Field(max_length=MAX_METHOD_NAME)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
     source: SourceSpec | None = Field(default=None, description="this method's source; None: the recipe's")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name_fits(cls, name: str) -> str:
+        size = len(method_slug(name).encode())
+        if size > MAX_SLUG_BYTES:
+            raise ValueError(
+                f"the method's folder name would be {size} bytes (at most {MAX_SLUG_BYTES}); shorten the name"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> MethodSpec:
+        refuse_all_zero_weights(self.objectives, f"method '{self.name}'")
+        return self
 
 
 class OptimizerSpec(Section):
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: PositiveFloat = 1e-3
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    lr: PositiveFloat = Field(default=1e-3, le=MAX_LR)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=MAX_WEIGHT_DECAY)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
 
 
 class ScheduleSpec(Section):
@@ -139,7 +238,9 @@ class TrainerSpec(Section):
     log_every: PositiveInt = 10
     nonfinite: Literal["stop", "skip"] = "stop"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: PositiveInt | None = Field(default=None, description="torch CPU threads; None = torch's default")
+    threads: PositiveInt | None = Field(
+        default=None, le=MAX_THREADS, description="torch CPU threads; None = torch's default"
+    )
     fused_loss: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="language models: losses from hidden states and the output layer, never the whole "
@@ -160,7 +261,7 @@ class OutputSpec(Section):
 
 
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME)
     description: str = ""
     task: str | None = Field(
         default=None,
@@ -176,7 +277,7 @@ class Recipe(Section):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     _source_file: Path | None = PrivateAttr(default=None)  # the YAML file it was read from, if any
@@ -184,6 +285,20 @@ class Recipe(Section):
     @property
     def source_file(self) -> Path | None:
         return self._source_file
+
+    @model_validator(mode="after")
+    def _peak_lr(self) -> Recipe:
+        refuse_overflowing_lr(self.optimizer, self.schedule, "schedule.")
+        return self
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_train_something(
+        cls, objectives: list[ObjectiveSpec] | None
+    ) -> list[ObjectiveSpec] | None:
+        if objectives:
+            refuse_all_zero_weights(objectives, "the recipe")
+        return objectives
 
     @field_validator("seeds")
     @classmethod

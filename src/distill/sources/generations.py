@@ -24,6 +24,7 @@ from torch import nn
 from distill.data.text import Example
 from distill.errors import UserError
 from distill.io import atomic_write_text
+from distill.sources.settings import refuse_nonfinite
 
 GENERATION_FORMAT = 1
 
@@ -50,9 +51,19 @@ class GenerationSettings:
                 f"source.params: unknown setting '{sorted(unknown)[0]}'; "
                 f"valid: {', '.join(cls.__dataclass_fields__)}"
             )
+        refuse_nonfinite(params, "source.params")
         settings = cls(**params)
-        if settings.temperature <= 0 or not 0 < settings.top_p <= 1 or settings.top_k < 0:
-            raise UserError("source.params: need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        try:
+            valid = settings.temperature > 0 and 0 < settings.top_p <= 1 and settings.top_k >= 0
+            counts = [v for v in (settings.max_new_tokens, settings.seed) if v is not None]
+            valid = valid and all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
+        except TypeError:
+            valid = False
+        if not valid:
+            raise UserError(
+                "source.params: need temperature > 0, 0 < top_p <= 1, top_k >= 0 and whole numbers for "
+                "max_new_tokens and seed"
+            )
         return settings
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 from distill.errors import UserError
@@ -19,17 +20,25 @@ def from_params(cls: type[T], params: dict[str, Any], where: str) -> T:
             hint = nearest(key, list(fields))
             suggestion = f"did you mean '{hint}'?" if hint else f"valid: {', '.join(fields)}"
             raise UserError(f"{where}: unknown setting '{key}'; {suggestion}")
+    refuse_nonfinite(params, where)
     try:
         settings = cls(**params)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise UserError(f"{where}: {err}") from err
     check = getattr(settings, "check", None)
     if check is not None:
         try:
             check()
-        except ValueError as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise UserError(f"{where}: {err}") from err
     return settings
+
+
+def refuse_nonfinite(params: dict[str, Any], where: str) -> None:
+    """A setting given as NaN or infinity (`.inf` in YAML) is refused by name: no count or rate is one."""
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: {key} must be a finite number, got {value}")
 
 
 def require(condition: bool, message: str) -> None:

@@ -81,6 +81,30 @@ def build_lm_model(spec: ModelSpec, tokenizer: Any, role: str, *, for_training: 
     return model
 
 
+def check_context(model: nn.Module, data: LMData, role: str) -> None:
+    """A model with a learned table of positions (GPT-2's `wpe`; rotary models have none) cannot read a
+    sequence longer than that table: refuse now what would be an index error at the first step."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    words = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not any(
+        isinstance(m, nn.Embedding) and m is not words and m.num_embeddings == positions
+        for m in model.modules()
+    ):
+        return
+    examples = [*data.train.examples, *data.test.examples]  # type: ignore[attr-defined]
+    longest = max(
+        max(len(e.ids) for e in examples),
+        max(e.prompt_len for e in data.test.examples) + data.max_new_tokens,  # type: ignore[attr-defined]
+    )
+    if longest > positions:
+        raise UserError(
+            f"{role}: hf model config: max_position_embeddings ({positions}) is shorter than the data's "
+            f"sequences ({longest} tokens with the generated ones); raise it or lower data.params.max_length"
+        )
+
+
 def _teacher_key(recipe: Recipe, tokenizer: Any, train: LMDataset) -> str:
     spec = recipe.teacher
     assert spec is not None
@@ -204,6 +228,9 @@ def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, 
         if recipe.teacher is not None and not (from_folder or from_cache)
         else None
     )
+    for role, model in (("student", probe), ("teacher", probe_teacher)):
+        if model is not None:
+            check_context(model, data, role)
     vocabulary = shared_vocabulary(teacher_tokenizer, tokenizer, probe_teacher, probe)
     del probe_teacher
     teacher, teacher_info = None, None

@@ -104,6 +104,7 @@ def plot_learning_curves(result: ExperimentResult, path: Path) -> Path | None:
     import numpy as np
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lowest = float("inf")
     for runs in result.methods:
         curves = [[row for row in r.result.history if "accuracy" in row] for r in runs.runs]
         if not curves or not curves[0]:
@@ -112,6 +113,7 @@ def plot_learning_curves(result: ExperimentResult, path: Path) -> Path | None:
         epochs = np.array([row["epoch"] for row in curves[0][:length]])
         acc = 100 * np.array([[row["accuracy"] for row in c[:length]] for c in curves])
         loss = np.array([[row["train_loss"] for row in c[:length]] for c in curves])
+        lowest = min(lowest, float(loss.min()))
         for ax, values in ((ax_acc, acc), (ax_loss, loss)):
             mean, std = values.mean(0), values.std(0)
             (line,) = ax.plot(epochs, mean, label=runs.name)
@@ -124,7 +126,8 @@ def plot_learning_curves(result: ExperimentResult, path: Path) -> Path | None:
         xlabel="epoch", ylabel="test accuracy (%)", title="Student test accuracy (mean ± std over seeds)"
     )
     ax_loss.set(xlabel="epoch", ylabel="training objective", title="Training objective (weighted sum)")
-    ax_loss.set_yscale("log")
+    # Log scale while every objective is positive; some (policy-gradient, preference) go below zero.
+    ax_loss.set_yscale("log" if lowest > 0 else "symlog")
     ax_acc.legend(loc="lower right")
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3)
