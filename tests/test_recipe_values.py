@@ -587,6 +587,34 @@ def test_language_model_data_leaves_the_hugging_face_cache_alone(lm_folder: Path
     assert (Path(os.environ["DISTILL_CACHE"]) / "datasets").is_dir()
 
 
+def test_a_file_that_is_not_parquet_is_one_line_not_two(tmp_path: Path) -> None:
+    """Found by the fuzzer: `datasets` logged "Failed to read schema ..." on stderr before it raised, so the
+    user saw that line besides ours."""
+    import logging
+
+    import datasets
+
+    from distill.data.text import read_records
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    logger = datasets.logging.get_logger("datasets")
+    logger.addHandler(handler)
+    try:
+        rows = tmp_path / "rows.parquet"
+        rows.write_text('{"prompt": "1+1=", "completion": " 2"}\n')
+        with pytest.raises(UserError, match="cannot read .* as parquet"):
+            read_records(rows, "parquet")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+
+
 # ---------------------------------------------------------------------------------- the output folder
 
 
@@ -611,3 +639,22 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, monkey
     data = digits_recipe(Path("/proc/1/distill-run"))
     code, err = run_cli(monkeypatch, capsys, tmp_path, data)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_tinyshakespeare_refuses_an_unknown_parameter_by_name() -> None:
+    """Found by the fuzzer's long campaign: unknown parameters reached `file_data` as a TypeError."""
+    from distill.recipe.check import check_recipe
+    from distill.recipe.load import recipe_from_dict
+
+    recipe = recipe_from_dict(
+        {
+            "name": "x",
+            "data": {"name": "tinyshakespeare", "params": {"bogus": 1}},
+            "student": {"name": "hf", "params": {"config": {"model_type": "llama"}}},
+            "objectives": [{"name": "cross_entropy"}],
+        }
+    )
+    with pytest.raises(
+        UserError, match="data.params.bogus: data set 'tinyshakespeare' has no such parameter"
+    ):
+        check_recipe(recipe, "x")

@@ -127,10 +127,12 @@ class LMData(DataSplits):
 
 
 def _quiet_datasets() -> None:
+    """No progress bars, and no log lines: `datasets` logs an error before it raises (a file that is not
+    parquet), and that error reaches the user as one line of ours, not two."""
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def read_records(path: str | Path, fmt: str) -> list[dict[str, Any]]:
