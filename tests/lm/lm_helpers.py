@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from distill.data.text import addition_record
+from distill.data.arithmetic import addition_record
 
 TEACHER = {
     "model_type": "llama",

@@ -5,9 +5,53 @@ import inspect
 from functools import partial
 from typing import Any
 
+from distill.data.arithmetic import arithmetic_data
 from distill.data.base import DATASETS
 from distill.data.paths import data_path
-from distill.data.text import LMData, arithmetic_data, file_data
+from distill.data.text import LMData, build_lm_data, clipped, read_records, resolve_tokenizer
+
+
+def file_data(
+    fmt: str,
+    *,
+    path: str,
+    test_path: str | None = None,
+    tokenizer: Any = None,
+    layout: str = "auto",
+    max_length: int = 128,
+    test_fraction: float = 0.1,
+    prompt_tokens: int | None = None,
+    max_new_tokens: int | None = None,
+    exact_match: bool | None = None,
+    fields: dict[str, str] | None = None,
+    seed: int = 0,
+    max_train_examples: int | None = None,
+    max_test_examples: int | None = None,
+) -> LMData:
+    records = read_records(path, fmt)
+    test_records = read_records(test_path, fmt) if test_path is not None else None
+    names = {"text": "text", **(fields or {})}
+    text_records = records
+    if fmt == "text" and test_records is None:  # train the tokenizer on the training part only
+        text = records[0]["text"]
+        text_records = [{"text": text[: int(len(text) * (1 - test_fraction))]}]
+    tok = resolve_tokenizer(tokenizer, text_records, names["text"])
+    return build_lm_data(
+        records,
+        test_records,
+        tokenizer=tok,
+        layout="text" if fmt == "text" else layout,
+        max_length=max_length,
+        test_fraction=test_fraction,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        exact_match=exact_match,
+        fields=fields,
+        seed=seed,
+        where=clipped(str(path), 200),
+        max_train_examples=max_train_examples,
+        max_test_examples=max_test_examples,
+    )
 
 
 def tinyshakespeare_data(*, path: str | None = None, **params: Any) -> LMData:

@@ -50,7 +50,7 @@ def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
     return clipped(repr(value), limit)
 
 
-def _whole(key: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
+def whole_number(key: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         upper = "" if high == 2**63 - 1 else f" and at most {high}"
         raise UserError(f"data.params.{key}: must be a whole number >= {low}{upper}, got {shown(value)}")
@@ -346,14 +346,14 @@ def build_lm_data(
         raise UserError("data: a language-model data set needs a tokenizer")
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise UserError(f"data: layout {shown(layout)} is not one of {', '.join(LAYOUTS)}")
-    _whole("max_length", max_length, 2)
+    whole_number("max_length", max_length, 2)
     if prompt_tokens is not None:
-        _whole("prompt_tokens", prompt_tokens, 0)
+        whole_number("prompt_tokens", prompt_tokens, 0)
     if max_new_tokens is not None:
-        _whole("max_new_tokens", max_new_tokens, 1, MAX_GENERATED)
+        whole_number("max_new_tokens", max_new_tokens, 1, MAX_GENERATED)
     for key, limit in (("max_train_examples", max_train_examples), ("max_test_examples", max_test_examples)):
         if limit is not None:
-            _whole(key, limit, 1)
+            whole_number(key, limit, 1)
     if exact_match is not None and not isinstance(exact_match, bool):
         raise UserError(f"data.params.exact_match: must be true or false, got {shown(exact_match)}")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -469,92 +469,3 @@ def corpus_texts(records: list[dict[str, Any]], text_field: str = "text") -> lis
             elif isinstance(value, str) and (key == text_field or key in {"prompt", "completion"}):
                 texts.append(value)
     return texts
-
-
-def file_data(
-    fmt: str,
-    *,
-    path: str,
-    test_path: str | None = None,
-    tokenizer: Any = None,
-    layout: str = "auto",
-    max_length: int = 128,
-    test_fraction: float = 0.1,
-    prompt_tokens: int | None = None,
-    max_new_tokens: int | None = None,
-    exact_match: bool | None = None,
-    fields: dict[str, str] | None = None,
-    seed: int = 0,
-    max_train_examples: int | None = None,
-    max_test_examples: int | None = None,
-) -> LMData:
-    records = read_records(path, fmt)
-    test_records = read_records(test_path, fmt) if test_path is not None else None
-    names = {"text": "text", **(fields or {})}
-    text_records = records
-    if fmt == "text" and test_records is None:  # train the tokenizer on the training part only
-        text = records[0]["text"]
-        text_records = [{"text": text[: int(len(text) * (1 - test_fraction))]}]
-    tok = resolve_tokenizer(tokenizer, text_records, names["text"])
-    return build_lm_data(
-        records,
-        test_records,
-        tokenizer=tok,
-        layout="text" if fmt == "text" else layout,
-        max_length=max_length,
-        test_fraction=test_fraction,
-        prompt_tokens=prompt_tokens,
-        max_new_tokens=max_new_tokens,
-        exact_match=exact_match,
-        fields=fields,
-        seed=seed,
-        where=clipped(str(path), 200),
-        max_train_examples=max_train_examples,
-        max_test_examples=max_test_examples,
-    )
-
-
-def addition_record(rng: random.Random, digits: int) -> dict[str, str]:
-    """`a+b=` -> a digit-by-digit scratchpad (least significant first, with carries), then `#### sum`."""
-    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
-    xs, ys = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
-    steps, carry = [], 0
-    for x, y in zip(xs, ys, strict=True):
-        total = int(x) + int(y) + carry
-        steps.append(f"{x}+{y}+{carry}={total}")
-        carry = total // 10
-    return {"prompt": f"{a}+{b}=", "completion": f" {','.join(steps)} #### {a + b}"}
-
-
-def arithmetic_data(
-    *,
-    tokenizer: Any = None,
-    digits: int = 3,
-    train_examples: int = 4000,
-    test_examples: int = 200,
-    seed: int = 0,
-    max_length: int = 64,
-) -> LMData:
-    """Synthetic multi-digit additions with a short scratchpad; exact match on the sum."""
-    _whole("digits", digits, 1, 100)
-    _whole("train_examples", train_examples, 1, MAX_SYNTHETIC)
-    _whole("test_examples", test_examples, 1, MAX_SYNTHETIC)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"data.params.seed: must be a whole number, got {shown(seed)}")
-    rng = random.Random(seed)
-    records = [addition_record(rng, digits) for _ in range(train_examples + test_examples)]
-    train, test = records[:train_examples], records[train_examples:]
-    tok = resolve_tokenizer(tokenizer if tokenizer is not None else {"bpe": {"vocab_size": 300}}, train)
-    return build_lm_data(
-        train,
-        test,
-        tokenizer=tok,
-        layout="prompt_completion",
-        max_length=max_length,
-        exact_match=True,
-        where=f"arithmetic ({digits}-digit additions)",
-        description=(
-            f"synthetic {digits}-digit additions with a scratchpad: {train_examples} training and "
-            f"{test_examples} test problems, exact match on the sum"
-        ),
-    )
