@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.errors import UserError
+from distill.errors import UserError, first_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -72,11 +72,6 @@ def _malformed(folder: Path, what: str) -> UserError:
         f"teacher cache {folder}: malformed {MANIFEST} ({what}); make the cache again "
         "(`distill cache ... --overwrite`)"
     )
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
 
 
 def inside_folder(folder: Path, name: str) -> bool:

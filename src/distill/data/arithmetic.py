@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from distill.data.text import MAX_SYNTHETIC, LMData, build_lm_data, resolve_tokenizer, shown, whole_number
-from distill.errors import UserError
+from distill.data.text import MAX_SYNTHETIC, LMData, build_lm_data, resolve_tokenizer, whole_number
+from distill.errors import UserError, shown
 
 
 def addition_record(rng: random.Random, digits: int) -> dict[str, str]:

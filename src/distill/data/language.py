@@ -8,7 +8,8 @@ from typing import Any
 from distill.data.arithmetic import arithmetic_data
 from distill.data.base import DATASETS
 from distill.data.paths import data_path
-from distill.data.text import LMData, build_lm_data, clipped, read_records, resolve_tokenizer
+from distill.data.text import LMData, build_lm_data, read_records, resolve_tokenizer
+from distill.errors import clipped
 
 
 def file_data(

@@ -28,26 +28,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from distill.data.base import DataSplits
-from distill.errors import UserError
+from distill.errors import UserError, clipped, shown
 from distill.io import cache_root
 
 FORMATS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 LAYOUTS = ("auto", "prompt_completion", "chat", "text")
 ANSWER_SEPARATOR = "####"  # GSM8K's convention: exact match compares what follows the last separator
-ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
 MAX_GENERATED = 2**20  # max_new_tokens: longer than any model's context
 MAX_SYNTHETIC = 10**7  # arithmetic: problems per split
-
-
-def clipped(text: str, limit: int = ECHO_LIMIT) -> str:
-    """`text` on one line (control characters escaped, `\\n` for a line break) and cut to `limit`
-    characters: an error line never echoes unbounded input, nor breaks in two."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
-    return clipped(repr(value), limit)
 
 
 def whole_number(key: str, value: Any, low: int, high: int = 2**63 - 1) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from distill.errors import UserError
+from distill.errors import UserError, clipped, shown
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 # A minimal chat template for tokenizers trained here (a folder's own template always wins).
@@ -28,18 +28,6 @@ CHAT_TEMPLATE = (
 )
 BPE_FORMAT = 1  # bump when the training recipe below changes, so cached tokenizers are rebuilt
 MAX_BPE_VOCABULARY = 2**24  # 16.7M tokens, 64x the largest vocabularies in use (Gemma's 262k)
-ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
-
-
-def clipped(text: str, limit: int = ECHO_LIMIT) -> str:
-    """`text` on one line (control characters escaped, `\\n` for a line break) and cut to `limit`
-    characters: an error line never echoes unbounded input, nor breaks in two."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
-    return clipped(repr(value), limit)
 
 
 def cache_root() -> Path:

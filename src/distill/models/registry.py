@@ -8,20 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from distill.errors import UserError
+from distill.errors import UserError, first_line, shown
 from distill.registry import Registry, nearest
 
 MODELS: Registry[nn.Module] = Registry("model")
 
 
 EXTERNAL_ZOOS = ("torchvision", "timm")
-ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
-
-
-def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """`repr(value)` cut to `limit` characters: an error line never echoes unbounded input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_widths(model: str, key: str, widths: Any) -> list[int]:
@@ -78,15 +71,9 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], **
     try:
         return factory(num_classes=num_classes, **shape_args, **params)
     except (TypeError, ValueError, OverflowError, IndexError, ZeroDivisionError) as err:
-        raise UserError(f"model '{name}': {_first_line(err)}") from err
+        raise UserError(f"model '{name}': {first_line(err)}") from err
     except RuntimeError as err:  # torch: a negative or impossible size, an allocation that cannot be made
-        raise UserError(f"model '{name}' cannot be built with these parameters ({_first_line(err)})") from err
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    lines = str(err).strip().splitlines()
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise UserError(f"model '{name}' cannot be built with these parameters ({first_line(err)})") from err
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

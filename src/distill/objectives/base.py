@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.errors import UserError
+from distill.errors import UserError, shown
 from distill.losses.fused_linear import fused_linear_divergence
 from distill.objectives.topk import bucketed
 from distill.registry import Registry, nearest
@@ -108,14 +108,6 @@ def check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], rese
 
 
 # ------------------------------------------------------------------------- parameter values
-
-ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
-
-
-def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """`repr(value)` cut to `limit` characters: an error line never echoes unbounded input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ParamError(UserError):

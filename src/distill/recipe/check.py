@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from distill.data import DATASETS
-from distill.errors import UserError
+from distill.errors import UserError, clipped, first_line, shown
 from distill.models import MODELS, split_model_name
 from distill.objectives import OBJECTIVES, LogitObjective, Objective, Progress, StepOutputs, build_objective
 from distill.objectives.base import ParamError
@@ -34,24 +34,8 @@ from distill.registry import Registry, nearest
 _SHAPE_ARGS = {"num_classes", "input_shape", "in_channels"}
 LM_MODELS = ("hf", "causal_lm")
 MAX_GENERATED = 2**20  # new tokens per generation: longer than any model's context
-ECHO_LIMIT = 80  # an error line quotes at most this much of a value the user wrote
 # What a component may raise on a parameter value it cannot use (its own checks raise `UserError`).
 _VALUE_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, KeyError, ZeroDivisionError, OverflowError)
-
-
-def clipped(text: str, limit: int = ECHO_LIMIT) -> str:
-    """`text` on one line (control characters escaped, `\\n` for a line break) and cut to `limit`
-    characters: an error line never echoes unbounded input, nor breaks in two."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
-    return clipped(repr(value), limit)
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    return clipped((str(err).strip().splitlines() or [type(err).__name__])[0], limit)
 
 
 # --------------------------------------------------------------------------------------- parameter types
@@ -224,7 +208,7 @@ def check_objective(name: str, params: dict[str, Any], where: str) -> Objective:
     except UserError as err:
         raise UserError(f"{where}: {err}") from err
     except _VALUE_ERRORS as err:
-        raise UserError(f"{where}: objective '{name}': {_first_line(err)}") from err
+        raise UserError(f"{where}: objective '{name}': {first_line(err)}") from err
     return objective
 
 
@@ -251,7 +235,7 @@ def check_generations(spec: SourceSpec, where: str) -> None:
     except UserError as err:
         raise UserError(f"{where}: {err}") from err
     except _VALUE_ERRORS as err:
-        raise UserError(f"{where}.params: {_first_line(err)}") from err
+        raise UserError(f"{where}.params: {first_line(err)}") from err
     if settings.max_new_tokens is not None and not 1 <= settings.max_new_tokens <= MAX_GENERATED:
         raise UserError(
             f"{where}.params.max_new_tokens: must be a whole number from 1 to {MAX_GENERATED}, "

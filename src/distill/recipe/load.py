@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distill.errors import UserError
+from distill.errors import UserError, clipped, shown
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
 
@@ -25,13 +25,6 @@ _FLOAT = re.compile(
     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
 )
 MAX_EXPANDED_NODES = 50_000  # a recipe is a few hundred nodes; aliases may not blow it up beyond this
-ECHO_LIMIT = 80  # an error line quotes at most this much of what the user wrote
-
-
-def clip(value: Any, limit: int = ECHO_LIMIT) -> str:
-    """`repr(value)` cut to `limit` characters: error lines never echo unbounded input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -63,7 +56,7 @@ class RecipeLoader(yaml.SafeLoader):
             if key in seen:
                 mark = key_node.start_mark
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {clip(key)} is given twice (line {mark.line + 1})", mark
+                    None, None, f"key {shown(key)} is given twice (line {mark.line + 1})", mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -131,7 +124,7 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise UserError(f"{source}{where}: {err.problem or err}".rstrip()) from err
     except yaml.YAMLError as err:
-        raise UserError(f"{source}: not valid YAML ({clip(str(err), 200)})") from err
+        raise UserError(f"{source}: not valid YAML ({shown(str(err), 200)})") from err
     except _RecursiveAlias:
         raise UserError(
             f"{source}: the recipe refers to itself through an alias (a recursive anchor)"
@@ -174,8 +167,7 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
         if not isinstance(part, int):  # a key the user wrote: one line, and never unbounded
-            part = " ".join(str(part).split())
-            part = part if len(part) <= ECHO_LIMIT else part[: ECHO_LIMIT - 3] + "..."
+            part = clipped(" ".join(str(part).split()))
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "recipe"
 
@@ -191,9 +183,9 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: {_loc_text(loc)}: unknown key{suggestion}"
     message = first["msg"]
     if first["type"] in {"model_type", "dict_type"}:
-        message = f"expected a mapping, got {clip(first.get('input'))}"
+        message = f"expected a mapping, got {shown(first.get('input'))}"
     elif "input" in first and first["type"] not in {"missing", "value_error", "assertion_error"}:
-        message += f" (got {clip(first['input'])})"
+        message += f" (got {shown(first['input'])})"
     message = message.removeprefix("Value error, ")
     return f"{source}: {_loc_text(loc)}: {message}"
 
