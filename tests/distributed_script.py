@@ -3,7 +3,7 @@
 Run it plainly (one process) or under `python -m torch.distributed.run --nproc_per_node 2` (gloo on CPU):
 
     distributed_script.py RUN_DIR REPORT_PREFIX BATCH_SIZE [--resume] [--stop-after N] [--epochs N]
-                          [--step-seconds S] [--lm auto|on|off]
+                          [--step-seconds S] [--lm auto|on|off] [--feature]
 
 Every process writes REPORT_PREFIX.rank<R>.json: how the student and the teacher were wrapped, whether the
 teacher holds gradients, and every file operation the process made inside RUN_DIR (recorded with an audit
@@ -170,6 +170,9 @@ def main() -> None:
     parser.add_argument("--shard-teacher", action="store_true", help="FSDP2 (fully_shard) on the teacher")
     parser.add_argument("--fsdp-checkpoint", action="store_true", help="checkpoint a sharded student")
     parser.add_argument("--lm", choices=["auto", "on", "off"], help="tiny Llama models, this fused_loss")
+    parser.add_argument(
+        "--feature", action="store_true", help="CE + FitNets hint through a learned regressor"
+    )
     args = parser.parse_args()
     if args.fsdp_checkpoint:
         fsdp_checkpoint(args.run_dir, args.report)
@@ -193,7 +196,9 @@ def main() -> None:
         lm_data(64, seed=0) if args.lm else data(64, seed=0),  # 64 = 8 steps of 8 per epoch, as 2 x 4
         teacher=teacher,
         eval_data=None if args.lm else data(40, seed=1),
-        objectives=[("cross_entropy", 0.5), ("hinton_kd", 0.5, {"temperature": 2.0})],
+        objectives=[("cross_entropy", 0.5), ("fitnet", 0.5, {"student_layer": "1", "teacher_layer": "1"})]
+        if args.feature
+        else [("cross_entropy", 0.5), ("hinton_kd", 0.5, {"temperature": 2.0})],
         batch_transform=slow if args.step_seconds else None,
         optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9),
         config=TrainerConfig(

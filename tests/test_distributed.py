@@ -133,6 +133,18 @@ def test_fused_lm_path_on_two_processes_follows_one_process_and_the_dense_path(t
     assert_curves_match(curves["dense"], curves["one"], 1e-5)
 
 
+def test_feature_objective_on_two_processes_follows_one_process(tmp_path: Path) -> None:
+    """FitNets through its learned regressor (a parameter of the objective, outside DDP): hooks read the
+    unwrapped student's `1`, the regressor's gradients are averaged like the student's, and 2 x 4 follows
+    1 x 8 to the last evaluation."""
+    one = launch(tmp_path / "one", tmp_path / "one-report", 8, "--feature", processes=1)
+    two = launch(tmp_path / "two", tmp_path / "two-report", 4, "--feature", processes=2)
+    assert_curves_match(losses(tmp_path / "two"), losses(tmp_path / "one"), 1e-5)
+    for key in ("accuracy", "loss", "agreement", "teacher_kl"):
+        assert abs(one[0]["final"][key] - two[0]["final"][key]) <= 1e-5, key
+    assert metrics(two[0]) == metrics(two[1])
+
+
 def test_teacher_is_not_wrapped_and_holds_no_gradients(double: tuple[Path, list]) -> None:
     for report in double[1]:
         assert report["student_wrapper"] == "DistributedDataParallel"

@@ -23,6 +23,7 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.io import atomic_write_text, fingerprint
+from distill.objectives import OBJECTIVES
 from distill.objectives.terms import Term
 from distill.recipe.schema import MethodSpec, Recipe, method_slug
 from distill.runfolder import RunFolder, recipe_inputs
@@ -110,6 +111,11 @@ def method_terms(method: MethodSpec) -> list[Term]:
     ]
 
 
+def reads_features(method: MethodSpec) -> bool:
+    """Whether any of the method's objectives reads module outputs (a feature objective)."""
+    return any(OBJECTIVES.entry(o.name).extra.get("kind") == "feature" for o in method.objectives)
+
+
 def student_trainer_settings(recipe: Recipe, *, seed: int, progress: bool) -> dict[str, Any]:
     """The recipe's trainer section as `fit()` settings for one student run."""
     t = recipe.trainer
@@ -155,8 +161,9 @@ def run_recipe(
         if resume:
             refuse_another_recipe(folder, recipe)
         setup = task.prepare(recipe, folder, progress=progress, console=console)
+        wrapped = None
         if teacher_wrapper is not None and isinstance(setup.teacher, nn.Module):
-            setup.teacher = teacher_wrapper(setup.teacher)
+            wrapped = teacher_wrapper(setup.teacher)
         # Only now, with data, student and teacher known to fit, does the run folder appear.
         folder.claim()
         atomic_write_text(
@@ -167,7 +174,7 @@ def run_recipe(
             console.print(
                 f"teacher ({info.source}): {info.parameters:,} parameters, {task.describe(info.metrics)}"
             )
-        methods, student = _train_methods(task, recipe, setup, folder, resume, progress, console)
+        methods, student = _train_methods(task, recipe, setup, folder, resume, progress, console, wrapped)
         return ExperimentResult(
             recipe=recipe,
             out_dir=folder.path,
@@ -192,6 +199,7 @@ def _train_methods(
     resume: bool,
     progress: bool,
     console: Console,
+    wrapped_teacher: nn.Module | None = None,
 ) -> tuple[list[MethodRuns], nn.Module | None]:
     key = recipe_key(recipe)
     methods: list[MethodRuns] = []
@@ -205,7 +213,9 @@ def _train_methods(
         for seed in recipe.seeds:
             seed_everything(seed)
             student = task.build_student(recipe, setup)
-            seeded = plan.seed(student, seed, method_terms(method), setup.teacher)
+            # A wrapped teacher (a memo of its logits) serves logit objectives; features need the hooks.
+            teacher = setup.teacher if wrapped_teacher is None or reads_features(method) else wrapped_teacher
+            seeded = plan.seed(student, seed, method_terms(method), teacher)
             fit_started = time.perf_counter()
             result = fit(
                 student,

@@ -80,6 +80,9 @@ def _pair(*shape: int, seed: int, dtype=torch.float32) -> tuple[torch.Tensor, to
     return s.to(dtype), t.to(dtype)
 
 
+FEATURE_LOSSES = [*L.features.__all__, *L.relations.__all__]
+
+
 def test_every_public_loss_is_covered() -> None:
     covered = {name.split("_standardized")[0].split("_normalized")[0] for name in NAMES}
     helpers = {"standardize_logits", "student_entropy", "taid_update", "latf_update", "hellinger_distance"}
@@ -87,6 +90,8 @@ def test_every_public_loss_is_covered() -> None:
     # the fused large-vocabulary and sparse-target losses have their own suites (test_fused_linear, _sparse)
     helpers |= {"SparseTargets", "topk_targets", "sparse_forward_kl", "fused_linear_divergence"}
     helpers |= {"linear_divergence_reference"}
+    # feature and relation losses: tests/losses/test_feature_losses.py, tests/test_feature_numerics.py
+    helpers |= set(FEATURE_LOSSES)
     assert set(L.__all__) - helpers <= covered, set(L.__all__) - helpers - covered
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 import distill.losses as L
 from distill.errors import UserError
 from distill.objectives import OBJECTIVES, StepOutputs, build_objective
+from distill.objectives.features import FeatureObjective
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TEMPERATURES = (None, 0.05, 100.0)  # None: the objective's default
@@ -157,7 +158,10 @@ KNOWN_BUGS: dict[str, str] = {}
 
 
 def _objective_cases() -> list[tuple[str, dict[str, Any]]]:
-    return [(name, params) for name in OBJECTIVES.names() for params in [{}, *VARIANTS.get(name, [])]]
+    """Every logit objective; feature objectives are swept on real models' taps in
+    tests/test_feature_numerics.py."""
+    names = [n for n in OBJECTIVES.names() if OBJECTIVES.entry(n).extra.get("kind") != "feature"]
+    return [(name, params) for name in names for params in [{}, *VARIANTS.get(name, [])]]
 
 
 @pytest.mark.parametrize(
@@ -165,11 +169,9 @@ def _objective_cases() -> list[tuple[str, dict[str, Any]]]:
 )
 def test_objective_stays_finite(name: str, params: dict[str, Any], request: pytest.FixtureRequest) -> None:
     base = build_objective(name, params)
-    # Skipped where unavoidable: objectives on intermediate features (none registered today), and those that
-    # need more than logits and labels from their source (today `opsd`: the student's rollouts with a
-    # privileged context); the skip message names what is missing.
-    if base.student_layers or base.teacher_layers:
-        pytest.skip(f"{name} compares intermediate features, not logits")
+    assert not isinstance(base, FeatureObjective), f"{name} reads features: register it with kind='feature'"
+    # Skipped where unavoidable: objectives that need more than logits and labels from their source (today
+    # `opsd`: the student's rollouts with a privileged context); the skip message names what is missing.
     student, teacher, labels = _logits("plain", torch.float32)
     try:
         base(StepOutputs(student_logits=student, teacher_logits=teacher, labels=labels))
@@ -215,6 +217,8 @@ def _is_logit_pair_loss(name: str) -> bool:
 # Public names of `distill.losses` that take other inputs, swept by their own tests below (or not losses).
 OTHER_INPUTS = {"SparseTargets", "topk_targets", "sparse_forward_kl"}
 OTHER_INPUTS |= {"fused_linear_divergence", "linear_divergence_reference"}
+# Feature and relation losses take features, not logits: tests/test_feature_numerics.py sweeps them.
+OTHER_INPUTS |= {*L.features.__all__, *L.relations.__all__}
 
 
 def _raw_losses() -> list[str]:

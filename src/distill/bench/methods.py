@@ -1,5 +1,8 @@
 """Which registered objectives the vision benchmark runs, and how each is combined with cross-entropy.
 
+Feature and relation objectives (FitNets, AT, SP, PKT, RKD, FSP, CRD) run with the settings of
+`FEATURE_SETTINGS` (RepDistiller's CIFAR-100 weights), after the logit methods.
+
 The method list is built from the objective registry at run time: every objective that compares classifier
 logits (it needs the teacher's logits and at most the labels, no features) is a method. What is known
 about each one lives here, in one place:
@@ -130,6 +133,67 @@ PUBLISHED: dict[str, Setting] = {
 }
 
 
+REPDISTILLER = "RepDistiller CIFAR-100 command (CRD paper's code): CE 1 + {b} x {what}, its default layers"
+
+# Feature and relation methods: RepDistiller's `-r 1 -a 0 -b beta` (CE 1, no KD, the feature loss x beta),
+# and CRD + KD as the CRD paper's best row (`-a 1`, T 4).
+FEATURE_SETTINGS: dict[str, Setting] = {
+    "fitnet": Setting(
+        "FitNet",
+        (Term("cross_entropy", 1.0), Term("fitnet", 100.0)),
+        REPDISTILLER.format(b=100, what="hint MSE after a conv regressor (single stage)"),
+        "fitnet",
+    ),
+    "attention_transfer": Setting(
+        "AT",
+        (Term("cross_entropy", 1.0), Term("attention_transfer", 1000.0)),
+        REPDISTILLER.format(b=1000, what="attention-map distance over every stage, p = 2"),
+        "attention_transfer",
+    ),
+    "similarity_preserving": Setting(
+        "SP",
+        (Term("cross_entropy", 1.0), Term("similarity_preserving", 3000.0)),
+        REPDISTILLER.format(b=3000, what="similarity-preserving loss on the last stage"),
+        "similarity_preserving",
+    ),
+    "pkt": Setting(
+        "PKT",
+        (Term("cross_entropy", 1.0), Term("pkt", 30000.0)),
+        REPDISTILLER.format(b=30000, what="PKT on the pooled embedding"),
+        "pkt",
+    ),
+    "rkd": Setting(
+        "RKD",
+        (Term("cross_entropy", 1.0), Term("rkd", 1.0)),
+        REPDISTILLER.format(b=1, what="RKD (distance 25, angle 50) on the pooled embedding"),
+        "rkd",
+    ),
+    "fsp": Setting(
+        "FSP",
+        (Term("cross_entropy", 1.0), Term("fsp", 50.0)),
+        REPDISTILLER.format(b=50, what="FSP over consecutive stages")
+        + " (without RepDistiller's separate FSP pre-training stage)",
+        "fsp",
+    ),
+    "crd": Setting(
+        "CRD",
+        (Term("cross_entropy", 1.0), Term("crd", 0.8)),
+        REPDISTILLER.format(b=0.8, what="CRD (128-d embeddings, 16,384 negatives or all others, T 0.07)"),
+        "crd",
+    ),
+    "crd+kd": Setting(
+        "CRD + KD",
+        (Term("cross_entropy", 1.0), Term("hinton_kd", 1.0, {"temperature": 4.0}), Term("crd", 0.8)),
+        "CRD paper's CRD+KD row (RepDistiller -r 1 -a 1 -b 0.8, T 4)",
+        "crd",
+    ),
+}
+
+
+def is_feature_objective(name: str) -> bool:
+    return OBJECTIVES.entry(name).extra.get("kind") == "feature"
+
+
 def _declared(entry: Any) -> bool | None:
     value = entry.extra.get("classification")
     return None if value is None else bool(value)
@@ -145,6 +209,8 @@ def logit_objective_reason(name: str) -> str | None:
         return "declared not for classification"
     if name in NOT_FOR_CLASSIFIERS:
         return NOT_FOR_CLASSIFIERS[name]
+    if is_feature_objective(name):
+        return "reads intermediate features (a feature row of its own when a setting exists)"
     try:
         objective = entry.factory()
     except Exception as err:  # an objective that cannot be built without parameters
@@ -174,13 +240,21 @@ def classification_methods() -> list[tuple[str, Setting]]:
         if setting.objective in usable:
             methods.append((key, setting))
     methods += [(name, default_setting(name)) for name in usable if name not in PUBLISHED]
+    methods += [
+        (key, setting)
+        for key, setting in FEATURE_SETTINGS.items()
+        if setting.objective in OBJECTIVES and is_feature_objective(setting.objective)
+    ]
     return methods
 
 
 def skipped_objectives() -> dict[str, str]:
     """Registered objectives the benchmark does not run, with the reason."""
     out = {}
+    featured = {setting.objective for setting in FEATURE_SETTINGS.values()}
     for entry in OBJECTIVES:
+        if entry.name in featured:
+            continue
         reason = logit_objective_reason(entry.name)
         if reason is not None:
             out[entry.name] = reason

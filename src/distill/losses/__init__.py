@@ -1,8 +1,11 @@
-"""Pure logit distillation losses: functions of tensors, no modules, no state, no I/O.
+"""Pure distillation losses: functions of tensors, no modules, no state, no I/O.
 
-Every function takes ``(student_logits, teacher_logits, *, mask=None, temperature=..., reduction="mean",
-...method parameters)``; see `distill.losses._common` for the shared conventions. This package imports
-nothing from the rest of `distill`.
+Logit losses take ``(student_logits, teacher_logits, *, mask=None, temperature=..., reduction="mean",
+...method parameters)``; feature and relation losses (`features`: FitNets hints, attention transfer, FSP,
+TRG's token losses; `relations`: similarity-preserving, PKT, RKD, CRD) take ``(student, teacher, *,
+mask=None, reduction="mean", ...)`` on feature maps, vectors or token sequences. See
+`distill.losses._common` (and the `features` / `relations` module notes) for the shared conventions. This
+package imports nothing from the rest of `distill`.
 """
 
 from distill.losses._common import standardize_logits
@@ -27,28 +30,56 @@ from distill.losses.divergences import (
     student_entropy,
     total_variation,
 )
+from distill.losses.features import (
+    attention_transfer,
+    fsp,
+    hint_mse,
+    token_contextual,
+    token_relation_graph,
+)
 from distill.losses.fused_linear import fused_linear_divergence, linear_divergence_reference
 from distill.losses.optimal_transport import sinkhorn_kd, sinkhorn_plan
 from distill.losses.ranking import dbild, pld
+from distill.losses.relations import (
+    crd_memory_update,
+    crd_nce,
+    crd_normalizers,
+    pkt,
+    rkd,
+    rkd_angle,
+    rkd_distance,
+    similarity_preserving,
+)
 from distill.losses.sparse import SparseTargets, sparse_forward_kl, topk_targets
 
 __all__ = [
     "SparseTargets",
     "adakd",
+    "attention_transfer",
     "bdkd",
+    "crd_memory_update",
+    "crd_nce",
+    "crd_normalizers",
     "dbild",
     "dist_kd",
     "dkd",
     "forward_kl",
+    "fsp",
     "fused_linear_divergence",
     "generalized_jsd",
     "hellinger_distance",
+    "hint_mse",
     "hinton_kd",
     "kl_mixing",
     "latf_update",
     "linear_divergence_reference",
+    "pkt",
     "pld",
     "reverse_kl",
+    "rkd",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
     "sinkhorn_kd",
     "sinkhorn_plan",
     "skew_forward_kl",
@@ -59,6 +90,8 @@ __all__ = [
     "swing_kd",
     "taid",
     "taid_update",
+    "token_contextual",
+    "token_relation_graph",
     "token_selective_kd",
     "topk_targets",
     "total_variation",

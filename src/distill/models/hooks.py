@@ -23,17 +23,24 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
     raise UserError(f"{type(model).__name__} has no module '{path}'{suggestion}")
 
 
+class FeaturesComplete(Exception):
+    """Raised by `FeatureHooks` in `stop_when_complete` mode once every named module has run: the rest of the
+    forward pass is not needed (a teacher that serves only feature objectives)."""
+
+
 class FeatureHooks:
     """Collects the outputs of named submodules on every forward pass.
 
     Use as a context manager (hooks are removed on exit) or call `remove()`. `features` maps each path to
     the latest output; `clear()` drops them so that no step keeps another step's activations alive.
-    With `detach=True` (for frozen teachers) stored outputs carry no graph.
+    With `detach=True` (for frozen teachers) stored outputs carry no graph. While `stop_when_complete` is
+    True, the hook that records the last missing output raises `FeaturesComplete`.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], *, detach: bool = False) -> None:
         self.paths = tuple(dict.fromkeys(paths))
         self.detach = detach
+        self.stop_when_complete = False
         self.features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
         for path in self.paths:
@@ -46,6 +53,8 @@ class FeatureHooks:
             if not isinstance(tensor, Tensor):
                 raise UserError(f"module '{path}' returned {type(output).__name__}, not a tensor")
             self.features[path] = tensor.detach() if self.detach else tensor
+            if self.stop_when_complete and len(self.features) == len(self.paths):
+                raise FeaturesComplete
 
         return record
 

@@ -32,6 +32,12 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
 
+    def feature_layers(self, preact: bool = False) -> list[str]:
+        """Feature taps `[flattened input, each hidden ReLU, classifier input]` (`preact` has no other
+        meaning here: the same taps)."""
+        relus = [f"body.{i}" for i, layer in enumerate(self.body) if isinstance(layer, nn.ReLU)]
+        return ["body.0", *relus, "body"]
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
@@ -61,6 +67,11 @@ class SmallCNN(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.head = nn.Linear(width, num_classes)
+
+    def feature_layers(self, preact: bool = False) -> list[str]:
+        """Feature taps `[stage 0, ..., stage k-1, pooled]`: the first conv stage stands in for a stem, so
+        "every stage" (taps[1:-1]) means stages 1 .. k-1 (`preact` gives the same taps)."""
+        return [f"features.{i}" for i in range(len(self.features))] + ["pool"]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.dropout(self.pool(self.features(x))))

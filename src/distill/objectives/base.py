@@ -68,12 +68,16 @@ class StepOutputs:
     teacher_topk: Any = None
     student_head: HeadInputs | None = None
     teacher_head: HeadInputs | None = None
+    # Each sample's position in the training set, when the data set adds it (`IndexedDataset`).
+    index: Tensor | None = None
 
 
 class Objective(nn.Module):
     """One loss term. Subclasses set what they need and implement `forward`."""
 
     needs_teacher: bool = True
+    # False for objectives that read only the teacher's features: the teacher may then stop early.
+    needs_teacher_logits: bool = True
     needs_labels: bool = False
     # Whether the objective can learn from a teacher cache's top-k targets (`distill.objectives.topk`).
     accepts_topk: bool = False

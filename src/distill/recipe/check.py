@@ -28,6 +28,7 @@ from distill.errors import UserError, clipped, first_line, shown
 from distill.models import MODELS, split_model_name
 from distill.objectives import OBJECTIVES, LogitObjective, Objective, Progress, StepOutputs, build_objective
 from distill.objectives.base import ParamError
+from distill.objectives.features import FeatureObjective
 from distill.recipe.schema import MAX_SEED, Recipe, SourceSpec
 from distill.registry import Registry, nearest
 
@@ -177,9 +178,7 @@ def dry_run(objective: Objective) -> None:
     """Call an objective once on a tiny batch and step its schedule, so that a parameter value it cannot use
     is refused now, not at the first training step. Logit losses did this when they were built; objectives
     bound to a source (OPSD) or reading model layers are left to their own checks."""
-    if isinstance(objective, LogitObjective) or hasattr(objective, "bind"):
-        return
-    if objective.student_layers or objective.teacher_layers:
+    if isinstance(objective, LogitObjective | FeatureObjective) or hasattr(objective, "bind"):
         return
     logits = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
     outputs = StepOutputs(student_logits=logits, teacher_logits=logits.flip(-1), labels=torch.tensor([0, 1]))

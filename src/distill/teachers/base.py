@@ -52,6 +52,10 @@ class Teacher:
     ) -> None:
         """Move to `device` and prepare to return the outputs of modules `layers` (before the first step)."""
 
+    def skip_logits(self) -> None:
+        """No objective reads the teacher's logits: a model may stop its forward pass as soon as the layers
+        `attach` named have run (S38's saving: the teacher runs only up to the deepest layer needed)."""
+
     def outputs(self, request: TeacherRequest) -> TeacherOutputs:
         raise NotImplementedError
 

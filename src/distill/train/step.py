@@ -147,6 +147,7 @@ class StepAssembler:
             teacher_topk=teacher.topk if teacher is not None else None,
             student_head=student_head,
             teacher_head=teacher.head if teacher is not None else None,
+            index=index,
         )
 
     def remove_hooks(self) -> None:

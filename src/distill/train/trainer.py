@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from distill.cache.indexed import IndexedDataset
 from distill.errors import NonFiniteLossError, UserError
 from distill.metrics import classification_metrics
 from distill.objectives import Progress as TrainProgress
@@ -37,6 +38,7 @@ from distill.train.checkpoint import (
     scheduler_state,
 )
 from distill.train.config import FitResult, TrainerConfig, allow_mixed_precision
+from distill.train.feature_taps import bind_feature_objectives, probe_and_build, sample_batch
 from distill.train.logs import RunLog, progress_bar
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from distill.train.sampler import EpochSampler
@@ -107,9 +109,17 @@ class Trainer:
             raise UserError(f"objectives {', '.join(names)} need a teacher, but none was given")
         if self.teacher is not None and self.teacher.trainable and self.accelerator.num_processes > 1:
             raise UserError("a co-trained teacher trains in one process only (it is not wrapped in DDP)")
+        bind_feature_objectives(
+            self.objectives, self.term_names, student, self.teacher.module if self.teacher else None
+        )
         teacher_layers = sorted({p for o in self.objectives for p in o.teacher_layers})
         if self.teacher is not None:
             self.teacher.attach(self.device, self.accelerator.autocast, teacher_layers)
+            if not any(o.needs_teacher and o.needs_teacher_logits for o in self.objectives):
+                self.teacher.skip_logits()
+        needs_index = any(getattr(o, "needs_index", False) for o in self.objectives)
+        if needs_index and isinstance(train_data, Dataset) and not isinstance(train_data, IndexedDataset):
+            train_data = IndexedDataset(train_data)  # CRD's memory banks are read by sample id
 
         seed_everything(cfg.seed)
         self.train_loader = make_loader(
@@ -127,6 +137,16 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         student.to(self.device)
+        # Feature objectives build their projectors from one dry forward pass, before the optimizer sees them.
+        probe_and_build(
+            self.objectives,
+            student,
+            self.teacher,
+            sample_batch(self.train_loader),
+            self._to_device,
+            len(self.train_loader.dataset),  # type: ignore[arg-type]
+        )
+        self.objectives.to(self.device)
         trainable = [p for p in student.parameters() if p.requires_grad]
         trainable += [p for p in self.objectives.parameters() if p.requires_grad]
         teacher_module = self.teacher.module if self.teacher is not None else None
@@ -407,10 +427,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
+    def _sync_objective_gradients(self) -> None:
+        """Average the gradients of objectives' own parameters (projectors) over processes, as DDP does for
+        the student's: the objectives live outside DDP, so nothing else would."""
+        params = [p for p in self.objectives.parameters() if p.requires_grad]
+        if not params or self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for param, grad in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            param.grad = grad.view_as(param).clone()
+
     def _optimizer_step(self, *, skip: bool) -> None:
         if not skip:
+            self._sync_objective_gradients()
             if self.config.max_grad_norm is not None:
-                self.accelerator.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm)
+                clipped = [*self.student.parameters(), *self.objectives.parameters()]
+                self.accelerator.clip_grad_norm_(clipped, self.config.max_grad_norm)
             self.optimizer.step()
             if self.teacher is not None:
                 self.teacher.after_optimizer_step(self.accelerator.unwrap_model(self.student))
