@@ -16,7 +16,7 @@ from distill.objectives import OBJECTIVES, build_objective
 from distill.objectives.features import FeatureObjective
 from distill.train import OptimizerConfig, Trainer, TrainerConfig
 
-FEATURE_METHODS = ["fitnet", "attention_transfer", "similarity_preserving", "pkt", "rkd", "fsp", "crd"]
+FEATURE_METHODS = ["fitnet", "attention_transfer", "similarity_preserving", "pkt", "rkd", "fsp", "crd", "trg"]
 
 
 def images(n: int = 24, seed: int = 0) -> TensorDataset:

@@ -187,6 +187,13 @@ FEATURE_SETTINGS: dict[str, Setting] = {
         "CRD paper's CRD+KD row (RepDistiller -r 1 -a 1 -b 0.8, T 4)",
         "crd",
     ),
+    "trg+kd": Setting(
+        "TRG + KD",
+        (Term("cross_entropy", 0.1), Term("hinton_kd", 0.9, {"temperature": 4.0}), Term("trg", 1.0)),
+        "S13 TRG on top of the KD protocol (0.1 CE + 0.9 KD, T 4), last-stage positions as tokens, "
+        "16 per image; TRG weight 1 and its defaults are ours (no official code found)",
+        "trg",
+    ),
 }
 
 
