@@ -680,11 +680,7 @@ FAILURES = {"traceback", "bad-error", "bad-exit", "no-report", "hang", "wrote-ou
 # "known" (and listed in the campaign's summary) instead of failing the suite. Remove an entry once fixed.
 # Each pattern reads "<outcome>: <detail>".
 # Failures found in code the fuzzer's authors could not change, counted apart until fixed (none left open).
-KNOWN: dict[str, re.Pattern[str]] = {
-    "a float16 / bfloat16 student samples NaN probabilities in its rollouts (distill.sources.generations)": (
-        re.compile(r"^traceback: RuntimeError at generations\.py:\d+ generate: probability tensor contains")
-    ),
-}
+KNOWN: dict[str, re.Pattern[str]] = {}
 
 
 class Campaign:

@@ -7,7 +7,7 @@ from lm_helpers import TEACHER, addition_rows, bpe
 
 from distill.data.text import build_lm_data
 from distill.models.causal_lm import build_causal_lm, special_token_ids
-from distill.sources.generations import GenerationSettings, teacher_generations
+from distill.sources.generations import GenerationSettings, generate, teacher_generations
 from distill.tasks.causal_lm_eval import LMEvaluator
 
 
@@ -52,3 +52,19 @@ def test_evaluator_reports_per_token_metrics_and_exact_match() -> None:
     assert abs(metrics["perplexity"] - torch.tensor(metrics["loss"]).exp().item()) < 1e-3
     assert metrics["exact_match"] == 0.0 and len(evaluator.samples) == 3
     assert metrics["tokens"] == data.test.counted_tokens()
+
+
+def test_sampling_from_a_model_whose_scores_are_nan_does_not_raise() -> None:
+    """A half-precision student whose weights overflowed gives NaN scores: its rollouts are drawn as if the
+    scores were flat, so that the loss's non-finite check (one line) ends the run, not torch.multinomial."""
+    tokenizer = bpe()
+    torch.manual_seed(0)
+    model = build_causal_lm(
+        config=TEACHER, vocab_size=len(tokenizer), special_tokens=special_token_ids(tokenizer)
+    )
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    prompts = [tokenizer.encode("1+2=")] * 2
+    out = generate(model, tokenizer, prompts, max_new_tokens=4, do_sample=True, fixed_length=True, seed=1)
+    assert [len(row) for row in out] == [4, 4]
+    assert all(0 <= token < len(tokenizer) for row in out for token in row)

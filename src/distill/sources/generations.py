@@ -124,8 +124,15 @@ def generate(
                 n = len(prompts[i])
                 ids[row, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
                 attention[row, width - n :] = 1
+            # A student whose half-precision weights overflowed gives NaN scores: sample from them as if they
+            # were flat (transformers' InfNanRemoveLogitsProcessor) and let the loss's non-finite check end
+            # the run in one line, instead of torch.multinomial raising inside `generate`.
             settings: dict[str, Any] = dict(
-                max_new_tokens=budget, do_sample=do_sample, pad_token_id=pad, use_cache=True
+                max_new_tokens=budget,
+                do_sample=do_sample,
+                pad_token_id=pad,
+                use_cache=True,
+                remove_invalid_values=True,
             )
             if do_sample:
                 settings |= dict(temperature=temperature, top_k=top_k, top_p=top_p)

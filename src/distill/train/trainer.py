@@ -422,6 +422,10 @@ class Trainer:
             return False
         name = self.term_names[int(bad.nonzero()[0])]
         message = f"step {step}: objective '{name}' is {values[bad][0].item()}"
+        half = {p.dtype for p in self.student.parameters()} & {torch.float16, torch.bfloat16}
+        if half:  # the usual cause: weights stored in half precision overflow or underflow (AdamW's eps)
+            kind = str(half.pop()).removeprefix("torch.")
+            message += f"; the student's weights are {kind}: keep them float32, set trainer.mixed_precision"
         if self.config.nonfinite == "stop":
             raise NonFiniteLossError(message + " (set trainer.nonfinite: skip to skip such steps)")
         self.optimizer.zero_grad(set_to_none=True)
