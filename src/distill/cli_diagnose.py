@@ -207,7 +207,9 @@ def _external_teacher(model: Any, examples: list[Any]) -> Callable[[int, list[in
 
 @diagnose_app.command("alignment")
 def alignment(
-    recipe: Annotated[Path, typer.Argument(help="a language-model recipe (data, student, teacher)")],
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="a language-model recipe (data, student, teacher)")
+    ],
     teacher: Annotated[
         str, typer.Option("--teacher", help="recipe | privileged (the student given the solution)")
     ] = "recipe",
@@ -218,12 +220,12 @@ def alignment(
         str, typer.Option("--divergence", help="token-level divergence of the signal")
     ] = "reverse_kl",
     space: Annotated[str, typer.Option("--space", help="logits | params")] = "logits",
-    questions: Annotated[int, typer.Option("--questions")] = 8,
-    rollouts: Annotated[int, typer.Option("--rollouts")] = 4,
-    nodes: Annotated[int, typer.Option("--nodes")] = 4,
-    candidates: Annotated[int, typer.Option("--candidates")] = 4,
-    targeted: Annotated[int, typer.Option("--targeted", help="rollouts per candidate token")] = 4,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    questions: Annotated[int, typer.Option("--questions", min=1)] = 8,
+    rollouts: Annotated[int, typer.Option("--rollouts", min=1)] = 4,
+    nodes: Annotated[int, typer.Option("--nodes", min=1)] = 4,
+    candidates: Annotated[int, typer.Option("--candidates", min=1)] = 4,
+    targeted: Annotated[int, typer.Option("--targeted", min=1, help="rollouts per candidate token")] = 4,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
     out: Annotated[Path | None, typer.Option("--out", help="write the per-node scores as JSON")] = None,
 ) -> None:
     """Gradient alignment between the ideal per-node gradient (targeted rollouts) and a distillation
@@ -234,19 +236,25 @@ def alignment(
     from rich.console import Console
 
     from distill.data.tokenizers import slice_logits
-    from distill.errors import UserError
+    from distill.errors import UserError, clipped
     from distill.objectives import OBJECTIVES
     from distill.recipe import load_recipe
     from distill.recipe.check import check_recipe
+    from distill.recipe.data_files import check_data_files
+    from distill.registry import unknown_name_message
     from distill.tasks.causal_lm import build_lm_model, prepare_lm_run
     from distill.tasks.teacher_store import load_weights
 
-    if teacher not in ("recipe", "privileged") or space not in ("logits", "params"):
-        raise UserError("--teacher is recipe or privileged; --space is logits or params")
-    if divergence not in OBJECTIVES:
-        raise UserError(f"--divergence: unknown objective '{divergence}'")
+    for option, value, choices in (
+        ("--teacher", teacher, ("recipe", "privileged")),
+        ("--space", space, ("logits", "params")),
+        ("--divergence", divergence, OBJECTIVES.names()),
+    ):
+        if value not in choices:
+            raise UserError(f"{option}: {unknown_name_message(option.lstrip('-'), clipped(value), choices)}")
     loaded = load_recipe(recipe)
     check_recipe(loaded, str(recipe))
+    check_data_files(loaded, str(recipe))
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="distill-diagnose-") as tmp:
         setup = prepare_lm_run(loaded, Path(tmp), progress=False, console=console)

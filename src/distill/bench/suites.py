@@ -3,55 +3,23 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
-
-import yaml
 
 from distill.bench.methods import Setting, method_spec, select_methods
 from distill.errors import UserError
 from distill.recipe.check import check_recipe
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
+from distill.recipe.overrides import merge, parse_set
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
+
+__all__ = ["SUITES", "merge", "parse_set", "suite_recipe_names", "suite_recipes"]
 
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": ("bench_vision_quick_digits", "bench_vision_quick_mnist"),
     "standard": ("bench_vision_standard_fashion_mnist", "bench_vision_standard_cifar10"),
     "cifar100": ("bench_vision_cifar100",),
 }
-
-
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """`["trainer.epochs=2", "data.params.root=/x"]` -> a nested dict (values read as YAML scalars)."""
-    tree: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. trainer.epochs=2")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise UserError(f"--set {item!r}: value is not valid YAML ({err})") from err
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {item!r}: '{part}' is given both as a value and as a section")
-        node[parts[-1]] = value
-    return tree
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `override` merged in: mappings recursively, everything else replaced."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def suite_recipe_names(suite: str) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import types
 import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,10 @@ def builtin_recipes() -> list[str]:
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
-    loader = RecipeLoader(text)
+    try:
+        loader = RecipeLoader(text)  # refuses characters YAML does not allow (NUL, most control characters)
+    except yaml.YAMLError as err:
+        raise UserError(f"{source}: not valid YAML ({clipped(str(err).splitlines()[0], 200)})") from None
     try:
         node = loader.get_single_node()
         if node is not None and expanded_size(node, {}, set()) > MAX_EXPANDED_NODES:
@@ -197,22 +201,34 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise UserError(describe_validation_error(err, source)) from err
 
 
-def load_recipe(path: str | Path | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path | None = None, *, edit: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> Recipe:
     """A recipe from a YAML file, a built-in recipe by name (`lm_shakespeare`), or the quickstart when `path`
-    is None. A file that exists wins over a built-in of the same name."""
+    is None. A file that exists wins over a built-in of the same name. `edit` changes the parsed mapping
+    before it is validated (`distill run --set`), so a wrong key it brings is named as one in the file."""
     if path is None:
         path = "quickstart"
     path = Path(path)
+    edit = edit or (lambda data: data)
     if not path.exists():
         name = str(path)
         if name in builtin_recipes():
-            return recipe_from_dict(parse_yaml(builtin_recipe_text(name), name), name)
+            return recipe_from_dict(edit(parse_yaml(builtin_recipe_text(name), name)), name)
         hint = nearest(name, builtin_recipes())
         raise UserError(f"recipe file not found: {path}" + (f" (built-in recipe '{hint}'?)" if hint else ""))
+    if path.is_dir():
+        raise UserError(f"recipe {clipped(str(path), 200)} is a folder; give a recipe's YAML file")
     try:
         text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise UserError(
+            f"recipe {clipped(str(path), 200)} is not UTF-8 text (byte {byte:#04x} at offset {err.start}): "
+            "a recipe is a YAML file"
+        ) from None
+    except OSError as err:
         raise UserError(f"cannot read recipe {path}: {err}") from err
-    recipe = recipe_from_dict(parse_yaml(text, str(path)), str(path))
+    recipe = recipe_from_dict(edit(parse_yaml(text, str(path))), str(path))
     recipe._source_file = path
     return recipe
