@@ -27,9 +27,7 @@ from distill.losses.relations import (
     similarity_preserving,
 )
 from distill.objectives.base import (
-    OBJECTIVES,
     StepOutputs,
-    check_params,
     number_in,
     positive_number,
     whole_number,
@@ -42,6 +40,7 @@ from distill.objectives.features import (
     layer_ref,
     layer_refs,
     project,
+    register_feature_objective,
     regressor,
     sample_mask,
 )
@@ -275,51 +274,43 @@ def _gather(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _register(name: str, cls: type[FeatureObjective], *, paper: str, summary: str) -> None:
-    def factory(**params: Any) -> FeatureObjective:
-        check_params(name, cls.__init__, params, reserved=set())
-        return cls(**params)
-
-    OBJECTIVES.add(name, factory, summary=summary, paper=paper, kind="feature")
-
-
-_register(
+register_feature_objective(
     "fitnet",
     FitNet,
     paper="Romero et al., 2015, FitNets: Hints for Thin Deep Nets",
     summary="MSE between a learned regression of a student layer and a teacher layer (weight 100)",
 )
-_register(
+register_feature_objective(
     "attention_transfer",
     AttentionTransfer,
     paper="Zagoruyko & Komodakis, 2017, Paying More Attention to Attention",
     summary="distance between normalised spatial attention maps of every stage (weight 1000)",
 )
-_register(
+register_feature_objective(
     "similarity_preserving",
     SimilarityPreserving,
     paper="Tung & Mori, 2019, Similarity-Preserving Knowledge Distillation",
     summary="batch similarity matrices of the last stage matched (weight 3000)",
 )
-_register(
+register_feature_objective(
     "pkt",
     PKT,
     paper="Passalis & Tefas, 2018, Learning Deep Representations with Probabilistic Knowledge Transfer",
     summary="KL between cosine-kernel conditional distributions of the embeddings (weight 30000)",
 )
-_register(
+register_feature_objective(
     "rkd",
     RKD,
     paper="Park et al., 2019, Relational Knowledge Distillation",
     summary="distance- and angle-wise relations of the batch's embeddings (weight 1)",
 )
-_register(
+register_feature_objective(
     "fsp",
     FSP,
     paper="Yim et al., 2017, A Gift from Knowledge Distillation",
     summary="Gram matrices between consecutive stages (flow of solution procedure) matched (weight 50)",
 )
-_register(
+register_feature_objective(
     "crd",
     CRD,
     paper="Tian et al., 2020, Contrastive Representation Distillation",

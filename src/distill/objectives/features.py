@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import UserError
-from distill.objectives.base import Objective, ParamError, StepOutputs, shown
+from distill.objectives.base import OBJECTIVES, Objective, ParamError, StepOutputs, check_params, shown
 
 LayerRef = int | str
 # The taps between the stem and the pooled vector (AT's and FSP's default: every stage).
@@ -94,6 +94,17 @@ class FeatureObjective(Objective):
     def extra_repr(self) -> str:
         pairs = ", ".join(f"{s}->{t}" for s, t in zip(self.student_layers, self.teacher_layers, strict=True))
         return f"{self.loss_name}({pairs or 'unbound'})"
+
+
+def register_feature_objective(name: str, cls: type[FeatureObjective], *, paper: str, summary: str) -> None:
+    """Register a feature objective class (kind "feature": the bench runs it as a feature row, the numerics
+    sweep builds it on real models' taps); unknown parameters are refused naming the nearest one."""
+
+    def factory(**params: Any) -> FeatureObjective:
+        check_params(name, cls.__init__, params, reserved=set())
+        return cls(**params)
+
+    OBJECTIVES.add(name, factory, summary=summary, paper=paper, kind="feature")
 
 
 def sample_mask(feature: Tensor, mask: Tensor | None) -> Tensor | None:

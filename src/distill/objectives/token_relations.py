@@ -19,14 +19,18 @@ from torch.nn import functional as F
 from distill.errors import UserError
 from distill.losses.features import token_contextual, token_relation_graph
 from distill.objectives.base import (
-    OBJECTIVES,
     StepOutputs,
-    check_params,
     number_in,
     positive_number,
     whole_number,
 )
-from distill.objectives.features import FeatureObjective, layer_ref, project, sample_mask
+from distill.objectives.features import (
+    FeatureObjective,
+    layer_ref,
+    project,
+    register_feature_objective,
+    sample_mask,
+)
 
 
 def as_tokens(feature: Tensor) -> Tensor:
@@ -124,15 +128,9 @@ class TokenRelationGraph(FeatureObjective):
         return self.graph_weight * graph + self.contextual_weight * context
 
 
-def _factory(**params: Any) -> FeatureObjective:
-    check_params("trg", TokenRelationGraph.__init__, params, reserved=set())
-    return TokenRelationGraph(**params)
-
-
-OBJECTIVES.add(
+register_feature_objective(
     "trg",
-    _factory,
+    TokenRelationGraph,
     summary="token relationship graph (k-NN + InfoNCE over tokens) + token-wise contextual loss",
     paper="Zhang, Liu & He, 2023, Knowledge Distillation via Token-level Relationship Graph (S13)",
-    kind="feature",
 )
