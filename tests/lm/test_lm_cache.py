@@ -3,6 +3,7 @@ without the teacher, and a cache from another tokenizer or data is refused."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,13 @@ def test_feature_objectives_read_cached_hidden_states_like_the_live_teachers(tmp
     for live_rows, cached_rows in zip(*seen, strict=True):  # same batches, same counted tokens
         assert cached_rows.shape == live_rows.shape
         assert torch.allclose(cached_rows, live_rows, rtol=2e-3, atol=2e-3)  # stored as float16
+
+    # A registered feature objective with a learned projector reads the same cached states.
+    fitnet = _recipe(tmp_path, {"cache": str(tmp_path / "cache")}, "fitnet")
+    layers = {"student_layer": "model.layers.0", "teacher_layer": "model.layers.0"}
+    fitnet["methods"] = [{"name": "hint", "objectives": [{"name": "fitnet", "params": layers}]}]
+    result = run_recipe(recipe_from_dict(fitnet), progress=False)
+    assert all(math.isfinite(run.result.final["loss"]) for run in result.methods[0].runs)
 
     other = _recipe(tmp_path, {"cache": str(tmp_path / "cache")}, "other")
     other["methods"] = methods

@@ -187,6 +187,13 @@ FEATURE_SETTINGS: dict[str, Setting] = {
         "CRD paper's CRD+KD row (RepDistiller -r 1 -a 1 -b 0.8, T 4)",
         "crd",
     ),
+    "acam_kd": Setting(
+        "ACAM-KD",
+        (Term("cross_entropy", 1.0), Term("acam_kd", 1.0)),
+        "S32 ACAM-KD: CE 1 + 1 x (channel + spatial masked distances + mask diversity), the paper's alpha = "
+        "lambda = 1 (its settings are for detection; no classification protocol), 6 masks, last stage",
+        "acam_kd",
+    ),
     "trg+kd": Setting(
         "TRG + KD",
         (Term("cross_entropy", 0.1), Term("hinton_kd", 0.9, {"temperature": 4.0}), Term("trg", 1.0)),

@@ -39,12 +39,15 @@ from distill.train.checkpoint import (
 )
 from distill.train.config import FitResult, TrainerConfig, allow_mixed_precision
 from distill.train.feature_taps import bind_feature_objectives, probe_and_build, sample_batch
+from distill.train.gradients import nonfinite_message, sync_objective_gradients
+from distill.train.length import TrainingLength, new_state, refuse_tokens_without_mask
 from distill.train.logs import RunLog, progress_bar
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
-from distill.train.sampler import EpochSampler
 from distill.train.seeding import seed_everything
 from distill.train.signals import StopRequest, TrainingInterrupted, stop_on_signals
 from distill.train.step import StepAssembler
+from distill.train.trackers import Tracking, refuse_unusable_trackers
+from distill.train.windows import accumulation_windows, epoch_batches
 
 if TYPE_CHECKING:
     from distill.cache.store import TeacherCache
@@ -92,7 +95,10 @@ class Trainer:
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("trainer.device is 'cuda' but no CUDA device is available")
         allow_mixed_precision(cfg.mixed_precision)
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+        refuse_unusable_trackers(cfg.trackers, "trackers")  # Accelerate would drop a missing one silently
+        self.accelerator = Accelerator(
+            cpu=device == "cpu", mixed_precision=cfg.mixed_precision, log_with=list(cfg.trackers) or None
+        )
         self.device = self.accelerator.device
 
         self.terms = [as_term(t) for t in objectives]
@@ -102,6 +108,10 @@ class Trainer:
         self.term_names = self._unique([name for name, _ in built])
         self.objectives = nn.ModuleList([obj for _, obj in built]).to(self.device)
         needs_teacher = any(o.needs_teacher for o in self.objectives)
+        # Feature objectives' layers resolved first: a teacher (a cache) checks them against what it holds.
+        bind_feature_objectives(
+            self.objectives, self.term_names, student, self.teacher.module if self.teacher else None
+        )
         if self.teacher is not None:
             self.teacher.check_objectives(self.term_names, list(self.objectives))
         elif needs_teacher:
@@ -109,9 +119,6 @@ class Trainer:
             raise UserError(f"objectives {', '.join(names)} need a teacher, but none was given")
         if self.teacher is not None and self.teacher.trainable and self.accelerator.num_processes > 1:
             raise UserError("a co-trained teacher trains in one process only (it is not wrapped in DDP)")
-        bind_feature_objectives(
-            self.objectives, self.term_names, student, self.teacher.module if self.teacher else None
-        )
         teacher_layers = sorted({p for o in self.objectives for p in o.teacher_layers})
         if self.teacher is not None:
             self.teacher.attach(self.device, self.accelerator.autocast, teacher_layers)
@@ -134,15 +141,19 @@ class Trainer:
         )
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.length = TrainingLength(cfg.epochs, self.steps_per_epoch, cfg.max_steps, cfg.max_tokens)
+        self.total_steps = self.length.total_steps
+        self._window_tokens = 0  # counted rows of the last window, over every process
 
         student.to(self.device)
         # Feature objectives build their projectors from one dry forward pass, before the optimizer sees them.
+        probe = sample_batch(self.train_loader)
+        refuse_tokens_without_mask(self.length, probe)
         probe_and_build(
             self.objectives,
             student,
             self.teacher,
-            sample_batch(self.train_loader),
+            probe,
             self._to_device,
             len(self.train_loader.dataset),  # type: ignore[arg-type]
         )
@@ -173,6 +184,7 @@ class Trainer:
         self.log = RunLog(
             self.run_dir, main_process=self.accelerator.is_main_process, tensorboard=cfg.tensorboard
         )
+        self.tracking = Tracking(self.accelerator, cfg.trackers, cfg.tracker_project, label)
         self._teacher_eval_logits: Tensor | None = None
         # Checkpoints keep the objectives' state and, for an EMA or co-trained teacher, the teacher's.
         teacher_state = self.teacher.state_module() if self.teacher is not None else None
@@ -259,38 +271,31 @@ class Trainer:
         return checkpoint.state if checkpoint is not None else None
 
     # ---------------------------------------------------------------- the loop
-    def _batches(self, epoch: int, start_batch: int) -> Iterator[Any]:
-        sampler = getattr(self.train_loader, "sampler", None)
-        if isinstance(sampler, EpochSampler):
-            sampler.set_epoch(epoch, start=start_batch * self.config.batch_size)
-            yield from self.train_loader
-            return
-        for index, batch in enumerate(self.train_loader):  # a user's own DataLoader: skip by counting
-            if index >= start_batch:
-                yield batch
-
     def fit(self, *, resume: bool = False) -> FitResult:
-        cfg = self.config
-        state: dict[str, Any] = {
-            "epoch": 0,
-            "batch": 0,
-            "step": 0,
-            "history": [],
-            "train_seconds": 0.0,
-            "epoch_loss_sum": 0.0,
-            "epoch_batches": 0,
-        }
+        state = new_state()
         restored = self._restore() if resume else None
-        if restored is not None:
-            state.update({k: restored[k] for k in state})
+        if restored is not None:  # checkpoints from before token budgets have no "tokens": 0 then
+            state.update({k: restored[k] for k in state if k in restored})
         self.log.open(restored["step"] if restored is not None else None)
+        sections = dict(trainer=self.config, optimizer=self.optimizer_config, schedule=self.schedule_config)
+        self.tracking.start(sections, self.run_dir, total_steps=self.total_steps)
+        try:
+            self._train(state)
+        finally:  # a run that stops early (a signal, a non-finite loss) closes its trackers' runs too
+            self.tracking.finish()
+        return self._result(state, completed=self._finished(state))
 
+    def _finished(self, state: dict[str, Any]) -> bool:
+        return self.length.finished(state["epoch"], state["step"], state["tokens"])
+
+    def _train(self, state: dict[str, Any]) -> None:
+        cfg = self.config
         self.student.train()
         stop_requested = False
         bar = progress_bar(cfg.progress and self.accelerator.is_main_process)
         with bar, stop_on_signals() as stop:
             task = bar.add_task(self.label, total=self.total_steps, completed=state["step"], status="")
-            while state["epoch"] < cfg.epochs and not stop_requested:
+            while not self._finished(state) and not stop_requested:
                 epoch = state["epoch"]
                 started = time.perf_counter()
                 for window in self._windows(epoch, state["batch"]):
@@ -300,6 +305,7 @@ class Trainer:
                     mean_values = self._train_window(window, weights, progress)
                     state["batch"] += len(window)
                     state["step"] += 1
+                    state["tokens"] += self._window_tokens
                     if mean_values is not None:
                         total = float(sum(w * v for w, v in zip(weights, mean_values.tolist(), strict=True)))
                         state["epoch_loss_sum"] += total
@@ -309,8 +315,9 @@ class Trainer:
                         if state["step"] % cfg.log_every == 0:
                             self._log_train(state, total, mean_values)
                     running = state["epoch_loss_sum"] / max(1, state["epoch_batches"])
-                    status = f"epoch {epoch + 1}/{cfg.epochs} loss {running:.4f}"
-                    bar.update(task, advance=1, status=status)
+                    bar.update(task, advance=1, status=f"{self.length.epoch_text(epoch)} loss {running:.4f}")
+                    if self.length.budget_spent(state["step"], state["tokens"]):
+                        break  # the run's length: its (cut) epoch is evaluated and saved below, as any other
                     last_in_epoch = state["batch"] >= self.batches_per_epoch
                     if (
                         cfg.checkpoint_every
@@ -327,29 +334,20 @@ class Trainer:
                         stop_requested = True
                         break
                 state["train_seconds"] += time.perf_counter() - started
-                if state["batch"] < self.batches_per_epoch:  # stopped inside the epoch
+                cut = self.length.budget_spent(state["step"], state["tokens"])
+                if state["batch"] < self.batches_per_epoch and not cut:  # stopped inside the epoch
                     break
                 self._end_epoch(state)
                 every = cfg.checkpoint_every
-                saved = every == 0 or state["step"] % every == 0 or state["epoch"] == cfg.epochs
+                saved = every == 0 or state["step"] % every == 0 or self._finished(state)
                 if saved:
                     self._save(state)
                 if stop.agreed(self.device):  # a signal during the evaluation or the checkpoint
                     self._stop_on_signal(state, stop, save=not saved)
-        return self._result(state, completed=state["epoch"] >= cfg.epochs)
 
     def _windows(self, epoch: int, start_batch: int) -> Iterator[list[Any]]:
-        """The epoch's batches from `start_batch` on, grouped into gradient-accumulation windows (aligned to
-        the epoch start, the last one possibly shorter)."""
-        accum = self.config.grad_accum
-        window: list[Any] = []
-        index = start_batch
-        for batch in self._batches(epoch, start_batch):
-            window.append(batch)
-            index += 1
-            if index % accum == 0 or index == self.batches_per_epoch:
-                yield window
-                window = []
+        batches = epoch_batches(self.train_loader, epoch, start_batch, self.config.batch_size)
+        return accumulation_windows(batches, start_batch, self.config.grad_accum, self.batches_per_epoch)
 
     def _train_window(
         self, window: list[Any], weights: list[float], progress: TrainProgress
@@ -372,6 +370,7 @@ class Trainer:
         window_rows = torch.tensor(float(sum(counts)), device=self.device)
         if self.accelerator.num_processes > 1:
             window_rows = self.accelerator.reduce(window_rows, reduction="sum")
+        self._window_tokens = int(window_rows.item())  # what `max_tokens` counts, equal on every process
         world = self.accelerator.num_processes
         values_sum = torch.zeros(len(self.terms))
         counted = 0
@@ -417,34 +416,17 @@ class Trainer:
 
     def _check_finite(self, values: Tensor, step: int) -> bool:
         """True when this micro-batch must be skipped; raises when the recipe says stop."""
-        bad = ~torch.isfinite(values)
-        if not bad.any():
+        message = nonfinite_message(values, self.term_names, step, self.student)
+        if message is None:
             return False
-        name = self.term_names[int(bad.nonzero()[0])]
-        message = f"step {step}: objective '{name}' is {values[bad][0].item()}"
-        half = {p.dtype for p in self.student.parameters()} & {torch.float16, torch.bfloat16}
-        if half:  # the usual cause: weights stored in half precision overflow or underflow (AdamW's eps)
-            kind = str(half.pop()).removeprefix("torch.")
-            message += f"; the student's weights are {kind}: keep them float32, set trainer.mixed_precision"
         if self.config.nonfinite == "stop":
             raise NonFiniteLossError(message + " (set trainer.nonfinite: skip to skip such steps)")
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    def _sync_objective_gradients(self) -> None:
-        """Average the gradients of objectives' own parameters (projectors) over processes, as DDP does for
-        the student's: the objectives live outside DDP, so nothing else would."""
-        params = [p for p in self.objectives.parameters() if p.requires_grad]
-        if not params or self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for param, grad in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            param.grad = grad.view_as(param).clone()
-
     def _optimizer_step(self, *, skip: bool) -> None:
         if not skip:
-            self._sync_objective_gradients()
+            sync_objective_gradients(self.objectives, self.accelerator)
             if self.config.max_grad_norm is not None:
                 clipped = [*self.student.parameters(), *self.objectives.parameters()]
                 self.accelerator.clip_grad_norm_(clipped, self.config.max_grad_norm)
@@ -460,21 +442,28 @@ class Trainer:
         row = {"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": total}
         row |= {f"loss/{n}": v for n, v in zip(self.term_names, values.tolist(), strict=True)}
         row["lr"] = self.scheduler.get_last_lr()[0]
+        self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
         self.log.write(row)
+        self.tracking.log(row)
 
     def _end_epoch(self, state: dict[str, Any]) -> None:
+        """Evaluate (every `eval_every` epochs, and at the end) and log the epoch; one cut short by the run's
+        length is logged at its fractional epoch."""
         epoch = state["epoch"] + 1
+        whole = state["batch"] >= self.batches_per_epoch
         row: dict[str, Any] = {
             "kind": "eval",
             "step": state["step"],
-            "epoch": epoch,
+            "epoch": epoch if whole else round(state["epoch"] + state["batch"] / self.batches_per_epoch, 4),
             "train_loss": state["epoch_loss_sum"] / max(1, state["epoch_batches"]),
             "seconds": state["train_seconds"],
         }
-        if epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
+        if epoch % self.config.eval_every == 0 or self.length.finished(epoch, state["step"], state["tokens"]):
             row |= self.evaluate()
         state["history"].append(row)
-        self.log.write(row)
+        self._write(row)
         state.update(epoch=epoch, batch=0, epoch_loss_sum=0.0, epoch_batches=0)
 
     def _result(self, state: dict[str, Any], *, completed: bool) -> FitResult:
@@ -488,6 +477,7 @@ class Trainer:
             history=history,
             train_seconds=state["train_seconds"],
             steps=state["step"],
+            tokens=state["tokens"],
             completed=completed,
             run_dir=self.run_dir,
             loss_path=self.loss_path,
