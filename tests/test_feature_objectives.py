@@ -36,13 +36,14 @@ def trainer(
     tmp_path: Path | None = None,
     epochs: int = 1,
     student: tuple[int, ...] = (4, 8, 8),
+    eval_size: int = 8,
     **config: object,
 ) -> Trainer:
     return Trainer(
         cnn(list(student), seed=1),
         images(),
         teacher=cnn([8, 16, 16], seed=2),
-        eval_data=images(8, seed=1),
+        eval_data=images(eval_size, seed=1),
         objectives=objectives,
         optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9),
         config=TrainerConfig(
@@ -120,6 +121,14 @@ def test_teacher_runs_only_up_to_the_deepest_layer_when_no_objective_needs_its_l
     )
     with_logits.fit()
     assert calls["head"] == 3 + 1
+
+
+def test_a_features_only_teacher_reads_fresh_features_after_an_evaluation() -> None:
+    """The evaluation runs the whole teacher with its hooks on; the next training step must not take the
+    evaluation's outputs for layers its early-stopped pass did not reach again."""
+    # 5 evaluation images against training batches of 8: a stale output would not even fit the batch.
+    result = trainer([("cross_entropy", 1.0), ("attention_transfer", 1.0)], epochs=3, eval_size=5).fit()
+    assert result.completed and result.steps == 9
 
 
 def test_projectors_are_checkpointed_and_a_resumed_run_ends_identically(tmp_path: Path) -> None:

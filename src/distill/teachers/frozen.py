@@ -48,6 +48,8 @@ class FrozenTeacher(Teacher):
                 call_model(self.model, request.inputs)
             self._clear_hooks()
             return TeacherOutputs(head=head_inputs(self.model, request.head_layer, kept, detach=True))
+        # Outputs recorded outside `outputs` (the evaluation runs the teacher with its hooks on) are stale.
+        self._clear_hooks()
         if self._features_only:
             assert self._hooks is not None
             self._hooks.stop_when_complete = True
