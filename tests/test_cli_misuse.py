@@ -172,3 +172,25 @@ def test_misuse_in_a_real_process(case: str, workdir: Path) -> None:
     )
     assert_one_line(done.returncode, done.stdout, done.stderr, fragment)
     assert snapshot(workdir) == before
+
+
+def test_warnings_are_one_line_each_beside_the_error(workdir: Path, capsys, monkeypatch) -> None:
+    """A library warning issued before the mistake is found prints as one `warning:` line, not Python's
+    two lines of file, line number and source."""
+    import warnings
+
+    from distill.errors import UserError
+
+    def warn_then_fail(*args, **kwargs) -> None:
+        warnings.warn("a library warning\nwith a second line", UserWarning, stacklevel=1)
+        raise UserError("the mistake")
+
+    monkeypatch.setattr("distill.cli_list.print_listing", warn_then_fail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as stop:
+            main(["list", "tasks"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2
+    assert lines == ["warning: a library warning", "error: the mistake"]
+    assert warnings.showwarning is not cli.one_line_warning  # restored after the command

@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,7 +20,7 @@ from typer.core import TyperGroup
 from distill.cli_export import register as register_export
 from distill.cli_list import register as register_list
 from distill.cli_list import valid_choice
-from distill.errors import UserError, clipped
+from distill.errors import UserError, clipped, first_line
 from distill.recipe.schema import MAX_SEED, Recipe, method_slug
 from distill.registry import nearest, unknown_name_message
 from distill.train.signals import TrainingInterrupted
@@ -427,17 +428,31 @@ def finish(line: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any, **__: Any
+) -> None:
+    """Python warnings as one `warning: ...` line each (not two lines of file, line and source), so that every
+    line on stderr is one message, the final `error: ...` included."""
+    err_console.print(f"warning: {first_line(str(message))}", highlight=False, soft_wrap=True, markup=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script (`argv`: the arguments, default `sys.argv[1:]`). A bug still raises: only the
     user's mistakes and interruptions become one line."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
+    previous = warnings.showwarning
+    if not debug:  # --debug keeps Python's own format: file and line of each warning
+        warnings.showwarning = one_line_warning
     try:
-        code = app(args=args, prog_name="distill", standalone_mode=False)
-    except BaseException as err:
-        result = outcome(err)
-        if result is None or (debug and isinstance(err, UserError | click_errors.ClickException)):
-            raise
-        finish(*result)
-    if isinstance(code, int) and code:  # click returns the status of an Exit (typer: Ctrl-C is Exit(130))
-        finish("interrupted" if code == INTERRUPTED else "", code)
+        try:
+            code = app(args=args, prog_name="distill", standalone_mode=False)
+        except BaseException as err:
+            result = outcome(err)
+            if result is None or (debug and isinstance(err, UserError | click_errors.ClickException)):
+                raise
+            finish(*result)
+        if isinstance(code, int) and code:  # click returns the status of an Exit (typer: Ctrl-C is Exit(130))
+            finish("interrupted" if code == INTERRUPTED else "", code)
+    finally:
+        warnings.showwarning = previous
