@@ -143,6 +143,13 @@ def test_feature_objective_on_two_processes_follows_one_process(tmp_path: Path) 
     for key in ("accuracy", "loss", "agreement", "teacher_kl"):
         assert abs(one[0]["final"][key] - two[0]["final"][key]) <= 1e-5, key
     assert metrics(two[0]) == metrics(two[1])
+    # FSDP2: a sharded teacher that serves only features stops mid-forward (after its hook at `1`) on both
+    # processes at the same point, so the collectives stay in step.
+    sharded = launch(
+        tmp_path / "fsdp", tmp_path / "fsdp-report", 4, "--feature", "--shard-teacher", processes=2
+    )
+    assert all(r["teacher_sharded"] for r in sharded)
+    assert_curves_match(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), 1e-5)
 
 
 def test_teacher_is_not_wrapped_and_holds_no_gradients(double: tuple[Path, list]) -> None:
