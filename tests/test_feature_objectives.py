@@ -172,3 +172,48 @@ def test_token_features_with_a_mask() -> None:
         torch.zeros(2, 5, 7), mask=mask, student_features={"s": s2}, teacher_features={"t": t2}
     )
     assert torch.allclose(fitnet(step2), value)
+
+
+def _digits_recipe(tmp_path: Path, params: dict) -> dict:
+    return {
+        "name": "feature-layers",
+        "data": {
+            "name": "digits",
+            "params": {"test_fraction": 0.3, "labelled_per_class": 5},
+            "batch_size": 16,
+        },
+        "teacher": {"name": "small_cnn", "params": {"channels": [8, 16]}, "train": {"epochs": 1}},
+        "student": {"name": "small_cnn", "params": {"channels": [4, 8]}},
+        "objectives": [{"name": "cross_entropy"}, {"name": "fitnet", "weight": 10.0, "params": params}],
+        "trainer": {"epochs": 1},
+        "seeds": [0],
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+
+
+def test_a_misspelt_layer_is_refused_before_the_teacher_trains(tmp_path: Path, monkeypatch) -> None:
+    from distill.experiment import run_recipe
+    from distill.recipe.load import recipe_from_dict
+    from distill.tasks import classification
+
+    def no_training(*args, **kwargs):  # the check must come first
+        raise AssertionError("the teacher was trained before the layers were checked")
+
+    monkeypatch.setattr(classification, "obtain_teacher", no_training)
+    recipe = recipe_from_dict(_digits_recipe(tmp_path, {"teacher_layer": "features.7"}))
+    with pytest.raises(
+        UserError, match=r"objectives: objective 'fitnet': teacher.*has no module 'features\.7'"
+    ):
+        run_recipe(recipe, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_feature_recipe_runs_end_to_end(tmp_path: Path) -> None:
+    from distill.experiment import run_recipe
+    from distill.recipe.load import recipe_from_dict
+
+    recipe = recipe_from_dict(_digits_recipe(tmp_path, {"student_layer": -2, "teacher_layer": -2}))
+    result = run_recipe(recipe, progress=False)
+    (run,) = result.methods[0].runs
+    assert run.result.completed and 0.0 <= run.result.final["accuracy"] <= 1.0

@@ -19,6 +19,7 @@ from distill.models import build_model, count_parameters
 from distill.recipe.schema import ModelSpec, Recipe, TeacherSpec
 from distill.runfolder import RunFolder
 from distill.tasks.base import TASKS, Task, TaskSetup
+from distill.tasks.feature_layers import check_feature_layers, reads_features
 from distill.tasks.results import ExperimentResult, TeacherInfo
 from distill.tasks.teacher_cache import (
     CacheSource,
@@ -108,7 +109,13 @@ class ClassificationTask(Task):
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         data = build_data(recipe.data.name, **recipe.data.params)
         check_labels(data)
-        check_class_counts(build_recipe_model(recipe.student, data, "student"), data, "student")
+        student = build_recipe_model(recipe.student, data, "student")
+        check_class_counts(student, data, "student")
+        if recipe.teacher is not None and reads_features(recipe):
+            # Before the teacher trains: its architecture is all that is read (a cache has none).
+            cached = recipe.teacher.cache is not None
+            skeleton = None if cached else build_recipe_model(recipe.teacher, data, "teacher")
+            check_feature_layers(recipe, student, skeleton)
         console.print(f"[bold]{recipe.name}[/] -> {folder.path}\n{data.description}")
         settings = {"eval_data": data.test, "eval_batch_size": recipe.data.eval_batch_size}
         if recipe.teacher is not None and recipe.teacher.cache is not None:
