@@ -26,10 +26,11 @@ from distill.io import atomic_write_text, fingerprint
 from distill.objectives import OBJECTIVES
 from distill.objectives.terms import Term
 from distill.recipe.schema import MethodSpec, Recipe, method_slug
-from distill.runfolder import RunFolder, recipe_inputs
+from distill.runfolder import RunFolder, manifest_recipe, recipe_inputs
 from distill.tasks import ExperimentResult, MethodRuns, SeedRun, Task, TaskSetup, TeacherInfo, task_for
 from distill.tasks.teacher_store import optimizer_config, schedule_config, steps_per_epoch, world_size
 from distill.train import fit
+from distill.train.logs import warn
 from distill.train.seeding import seed_everything
 
 __all__ = ["ExperimentResult", "MethodRuns", "SeedRun", "TeacherInfo", "open_run_folder", "run_recipe"]
@@ -47,7 +48,9 @@ def open_run_folder(recipe: Recipe, *, out: Path | None, resume: bool, overwrite
     protected = list(recipe_inputs(recipe.model_dump(mode="json")))
     if recipe.source_file is not None:
         protected.append(recipe.source_file)
-    folder = RunFolder(Path(explicit), protected).open(resume=resume, overwrite=overwrite)
+    # The folder's manifest keeps the recipe from the first write on (before a teacher trains into it).
+    document = recipe.model_dump(mode="json")
+    folder = RunFolder(Path(explicit), protected, document).open(resume=resume, overwrite=overwrite)
     if folder.path.is_dir():
         refuse_links_out(folder.path)
     # Absolute from here on: every artefact is written under this folder, whatever the working directory.
@@ -87,21 +90,51 @@ def recipe_key(recipe: Recipe) -> str:
 
 
 def refuse_another_recipe(folder: RunFolder, recipe: Recipe) -> None:
-    """`--resume` continues only the run of the same recipe (its copy in the folder)."""
+    """`--resume` continues only the run of the same recipe: its copy in the folder (`recipe.yaml`, written
+    once the teacher is ready) or, for a run stopped before that (while its teacher trained), the one its
+    manifest keeps. A run that has neither (from before manifests kept it) resumes unchecked."""
     stored = folder.path / "recipe.yaml"
-    if not stored.exists() and not stored.is_symlink():
-        return
+    if stored.exists() or stored.is_symlink():
+        earlier = _stored_recipe(stored)
+    else:
+        document = manifest_recipe(folder.path)
+        if document is None:
+            return
+        try:
+            earlier = Recipe.model_validate(document)
+        except (ValidationError, TypeError, ValueError):  # a manifest from another version of the schema
+            earlier = None
+    if earlier is None or recipe_key(earlier) != recipe_key(recipe):
+        raise UserError(
+            f"--resume: {folder.path} was started from a different recipe; run the recipe it was started "
+            "from, or start afresh with --overwrite or another --out"
+        )
+
+
+def _stored_recipe(stored: Path) -> Recipe:
     try:
         text = stored.read_text()
         if not text.strip():
             raise UserError(f"--resume: {stored} is empty, not the recipe distill wrote there")
-        earlier = Recipe.model_validate(yaml.safe_load(text))
+        return Recipe.model_validate(yaml.safe_load(text))
     except UserError:
         raise
     except (OSError, RuntimeError, yaml.YAMLError, ValidationError, TypeError, ValueError) as err:
         raise UserError(f"--resume: {stored} is not a recipe distill wrote ({type(err).__name__})") from None
-    if recipe_key(earlier) != recipe_key(recipe):
-        raise UserError(f"--resume: {folder.path} was started from a different recipe")
+
+
+def warn_larger_student(student: nn.Module, teacher: TeacherInfo | None) -> None:
+    """Distillation compresses: a student with more parameters than its teacher is most often a recipe
+    with the two swapped, so say so (once, before the first student trains); it is not refused, since
+    distilling into a larger model is a legitimate experiment."""
+    if teacher is None or teacher.parameters <= 0:
+        return
+    size = sum(p.numel() for p in student.parameters())
+    if size > teacher.parameters:
+        warn(
+            f"the student has more parameters ({size:,}) than the teacher ({teacher.parameters:,}); "
+            "are student and teacher swapped?"
+        )
 
 
 def method_terms(method: MethodSpec) -> list[Term]:
@@ -121,6 +154,8 @@ def student_trainer_settings(recipe: Recipe, *, seed: int, progress: bool) -> di
     t = recipe.trainer
     return {
         "epochs": t.epochs,
+        "max_steps": t.max_steps,
+        "max_tokens": t.max_tokens,
         "batch_size": recipe.data.batch_size,
         "grad_accum": t.grad_accum,
         "mixed_precision": t.mixed_precision,
@@ -135,6 +170,8 @@ def student_trainer_settings(recipe: Recipe, *, seed: int, progress: bool) -> di
         "seed": seed,
         "progress": progress,
         "tensorboard": recipe.output.tensorboard,
+        "trackers": list(recipe.output.trackers),
+        "tracker_project": recipe.name,
     }
 
 
@@ -212,7 +249,10 @@ def _train_methods(
         )
         for seed in recipe.seeds:
             seed_everything(seed)
+            first = student is None
             student = task.build_student(recipe, setup)
+            if first:
+                warn_larger_student(student, setup.teacher_info)
             # A wrapped teacher (a memo of its logits) serves logit objectives; features need the hooks.
             teacher = setup.teacher if wrapped_teacher is None or reads_features(method) else wrapped_teacher
             seeded = plan.seed(student, seed, method_terms(method), teacher)

@@ -183,8 +183,9 @@ def verified_weights(run: FinishedRun, choice: Choice) -> tuple[dict[str, Tensor
         identity={"seed": choice.seed},
         required=TRAINER_STATE,
     )
-    if state["epoch"] < run.recipe.trainer.epochs:
-        raise UserError(f"checkpoint {path} is from epoch {state['epoch']} of {run.recipe.trainer.epochs}")
+    final = json.loads((seed_dir / "final.json").read_text())
+    if int(state["step"]) != int(final.get("steps", state["step"])):  # max_steps / max_tokens end mid-epoch
+        raise UserError(f"checkpoint {path} is from step {state['step']}, the run ended at {final['steps']}")
     return tensors["model"], int(state["step"])
 
 

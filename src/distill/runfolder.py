@@ -10,6 +10,9 @@ Rules (each with a regression test in `tests/test_run_folder.py`):
   earlier run, a data file, a tokenizer).
 - Entries that were there before the run began are never listed, so never deleted later.
 - An advisory lock (`filelock`) keeps two runs out of one folder.
+- The manifest also keeps the recipe the run was started from, written when the folder is first claimed
+  (before a teacher trains into it), so that `--resume` can refuse an edited recipe even when the run was
+  cut short before its `recipe.yaml` copy was written.
 """
 
 from __future__ import annotations
@@ -47,16 +50,29 @@ def holds_run(folder: Path) -> bool:
     )
 
 
-def read_manifest(folder: Path) -> list[str] | None:
-    """The names the manifest lists, or None when there is no readable manifest."""
+def _manifest(folder: Path) -> dict[str, Any] | None:
     try:
         document = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    written = document.get("written") if isinstance(document, dict) else None
+    return document if isinstance(document, dict) else None
+
+
+def read_manifest(folder: Path) -> list[str] | None:
+    """The names the manifest lists, or None when there is no readable manifest."""
+    document = _manifest(folder)
+    written = document.get("written") if document is not None else None
     if not isinstance(written, list) or not all(isinstance(n, str) for n in written):
         return None
     return written
+
+
+def manifest_recipe(folder: Path) -> dict[str, Any] | None:
+    """The recipe document the manifest keeps (what the run was started from), or None (no manifest, or one
+    from before manifests kept it)."""
+    document = _manifest(folder)
+    recipe = document.get("recipe") if document is not None else None
+    return recipe if isinstance(recipe, dict) else None
 
 
 def _plain_name(name: str) -> bool:
@@ -84,11 +100,14 @@ def recipe_inputs(document: Any) -> Iterator[Path]:
 
 class RunFolder:
     """One run's folder. `claim()` before the first write: it creates the folder, takes the lock and records
-    the entries this run owns; `release()` at the end."""
+    the entries this run owns (and `recipe`, the run's recipe as a JSON document); `release()` at the end."""
 
-    def __init__(self, path: Path, protected: Iterable[Path] = ()) -> None:
+    def __init__(
+        self, path: Path, protected: Iterable[Path] = (), recipe: dict[str, Any] | None = None
+    ) -> None:
         self.path = path
         self.protected = [Path(p) for p in protected]
+        self.recipe = recipe
         self._lock: FileLock | None = None
         self._before = set(os.listdir(path)) if path.is_dir() else set()
 
@@ -168,8 +187,13 @@ class RunFolder:
         owned = {*RUN_ENTRIES, *extra, LOCK} - self._before
         owned |= now - self._before - {MANIFEST}
         merged = sorted(set(listed) | {n for n in owned if _plain_name(n)})
-        if merged != listed or not (self.path / MANIFEST).exists():
-            atomic_write_json(self.path / MANIFEST, {"format": 1, "written": merged})
+        kept = manifest_recipe(self.path)
+        recipe = self.recipe if self.recipe is not None else kept
+        if merged != listed or recipe != kept or not (self.path / MANIFEST).exists():
+            document: dict[str, Any] = {"format": 1, "written": merged}
+            if recipe is not None:
+                document["recipe"] = recipe
+            atomic_write_json(self.path / MANIFEST, document)
 
     def _lock_now(self) -> None:
         if self._lock is not None:

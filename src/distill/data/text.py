@@ -202,6 +202,19 @@ def _check_messages(records: list[dict[str, Any]], name: str, where: str) -> Non
             raise UserError(f"data: {where} row {index + 1}: '{clipped(name)}' {problem}")
 
 
+def refuse_other_columns(records: list[dict[str, Any]], text: str, where: str) -> None:
+    """A table with more than its text column (`text,label`) is most likely a classification data set: a
+    language model would read the text alone and silently drop the rest. Naming the text column
+    (`fields: {text: ...}`) says that is meant."""
+    others = sorted({str(k) for r in records for k, v in r.items() if k != text and v is not None})
+    if others:
+        raise UserError(
+            f"data: {clipped(where, 200)} has columns besides '{clipped(text)}' "
+            f"({clipped(', '.join(others), 100)}), which a language model ignores; to train on the text "
+            f"alone, set data.params.fields: {{text: {clipped(text)}}}"
+        )
+
+
 def _require(records: list[dict[str, Any]], names: list[str], where: str) -> None:
     for index, record in enumerate(records):
         for name in names:
@@ -273,6 +286,18 @@ def packed_examples(tokenizer: Any, text: str, max_length: int, prompt_tokens: i
 def reference_answer(text: str) -> str:
     """What exact match compares: the text after the last '####' if there is one, else all of it."""
     return text.rsplit(ANSWER_SEPARATOR, 1)[-1].strip() if ANSWER_SEPARATOR in text else text.strip()
+
+
+def check_records(records: list[dict[str, Any]], layout: str, fields: dict[str, str], where: str) -> None:
+    """Every row holds the fields its layout reads (chat rows: well-formed messages); one line naming the
+    first row that does not, counted from 1 in the order given."""
+    if layout == "text":
+        _require(records, [fields["text"]], where)
+    elif layout == "chat":
+        _require(records, [fields["messages"]], where)
+        _check_messages(records, fields["messages"], where)
+    else:
+        _require(records, [fields["prompt"], fields["completion"]], where)
 
 
 def tokenize_records(
@@ -360,6 +385,13 @@ def build_lm_data(
     names |= fields or {}
     if layout == "auto":
         layout = detect_layout(records, names, where)
+        if layout == "text" and "text" not in (fields or {}):
+            for rows in (records, test_records or []):
+                refuse_other_columns(rows, names["text"], where)
+    # Rows are checked in file order, before the split shuffles them: "row 7" is the file's row 7.
+    check_records(records, layout, names, where)
+    if test_records is not None:
+        check_records(test_records, layout, names, f"{where} (test file)")
     prompt_tokens = max_length // 4 if prompt_tokens is None else prompt_tokens
     if exact_match is None:
         exact_match = layout != "text"

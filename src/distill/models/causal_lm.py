@@ -9,14 +9,17 @@ size of a config defaults to the tokenizer's (passed as `num_classes` by the rec
 
 from __future__ import annotations
 
+import contextlib
+import json
 import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distill.errors import UserError
+from distill.errors import UserError, clipped
 from distill.models.registry import MODELS, shown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +57,74 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def causal_lm_classes() -> set[str]:
+    """The class names `AutoModelForCausalLM` builds (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def refuse_other_architectures(folder: Path) -> None:
+    """Refuse a folder whose config names a model that cannot generate text (an encoder such as BertModel
+    or BertForMaskedLM, a classifier): `AutoModelForCausalLM` would load it anyway, with a random head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # transformers says what is wrong with it, in one line of ours
+    if not isinstance(config, dict):
+        return
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if isinstance(model_type, str) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(
+            f"cannot load a causal LM from {folder}: its model_type {shown(model_type)} has no causal "
+            "language model in transformers (expected e.g. llama, gpt2, qwen2)"
+        )
+    if not isinstance(architectures, list) or not architectures:
+        return  # older folders name no class: the weights check below still applies
+    if not causal_lm_classes() & {a for a in architectures if isinstance(a, str)}:
+        raise UserError(
+            f"cannot load a causal LM from {folder}: it holds a {clipped(str(architectures[0]))}, which is "
+            "not a causal language model (expected a ...ForCausalLM or ...LMHeadModel folder)"
+        )
+
+
+def refuse_missing_weights(model: nn.Module, missing: Iterable[str], folder: Path) -> None:
+    """Refuse a model whose checkpoint lacks weights it needs: transformers fills them at random and the
+    run would distil from (or train) a model that is not the one saved. A tied weight (an output layer
+    sharing the input embedding's tensor) counts as loaded when the tensor it shares was."""
+    missing = set(missing)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in named.items() if name not in missing}
+    absent = sorted(k for k in missing if k not in named or id(named[k]) not in loaded)
+    if absent:
+        listed = ", ".join(clipped(k, 60) for k in absent[:3]) + (", ..." if len(absent) > 3 else "")
+        raise UserError(
+            f"cannot load a causal LM from {folder}: its weights lack {len(absent)} tensor(s) the model "
+            f"needs ({listed}); they would start random (is it another kind of model?)"
+        )
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bar and no load report from transformers: what matters in them is refused in one line."""
+    from transformers.utils import logging
+
+    bar, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 def build_causal_lm(
     *,
     config: dict[str, Any] | None = None,
@@ -82,10 +153,12 @@ def build_causal_lm(
         folder = Path(path)
         if not (folder / "config.json").exists():
             raise UserError(f"model folder {folder} has no config.json (expected a save_pretrained folder)")
+        refuse_other_architectures(folder)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), local_files_only=True, dtype=torch_dtype or "auto"
-            )
+            with quiet_loading():
+                model, loading = AutoModelForCausalLM.from_pretrained(
+                    str(folder), local_files_only=True, dtype=torch_dtype or "auto", output_loading_info=True
+                )
         except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met more than tensors
             raise UserError(
                 f"cannot load a causal LM from {folder}: its weights pickle holds more than tensors "
@@ -93,6 +166,7 @@ def build_causal_lm(
             ) from err
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load a causal LM from {folder} ({_one_line(err)})") from err
+        refuse_missing_weights(model, loading.get("missing_keys") or (), folder)
     else:
         settings = dict(config or {})
         model_type = settings.pop("model_type", None)

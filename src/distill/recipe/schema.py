@@ -48,6 +48,23 @@ MAX_SLUG_BYTES = 200
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
+# Where a method's training inputs come from (`source.name`), each with its one-line summary.
+SOURCES = {
+    "dataset": "the training split as it is",
+    "teacher_generations": "the teacher completes the training prompts (sequence-level KD; language models)",
+    "student_rollouts": "the student's own completions scored by the teacher (GKD's mix, length curriculum)",
+    "opsd": "the student's rollouts scored by itself given a privileged context (objective opsd)",
+    "soda": "teacher responses paired with a snapshot of the student's outputs (objective soda)",
+    "mixsd": "targets decoded once from the base model's expert / naive mixture (objective cross_entropy)",
+}
+
+
+def unset(value: Any) -> bool:
+    """A setting added after recipes were first fingerprinted is left out of the recipe's dump while unset:
+    the recipe then dumps as before it existed, and the fingerprints of earlier runs (the same-recipe check of
+    `--resume`, their checkpoints, `distill export`) still hold."""
+    return value is None or value == []
+
 
 def method_slug(name: str) -> str:
     """The folder name of a method's runs (`methods/<slug>/seed-N`)."""
@@ -61,8 +78,11 @@ class Section(BaseModel):
 class ModelSpec(Section):
     """A model from the zoo by name, with its constructor parameters."""
 
-    name: str = Field(max_length=MAX_NAME)
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(
+        max_length=MAX_NAME,
+        description="a registered model (`distill list models`), or `torchvision:<arch>` / `timm:<arch>`",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="the model's constructor parameters")
     checkpoint: Path | None = Field(default=None, description="safetensors weights to start from")
 
 
@@ -83,11 +103,19 @@ def refuse_overflowing_lr(optimizer: OptimizerSpec, schedule: ScheduleSpec, wher
 class TeacherTraining(Section):
     """How to train the teacher when no checkpoint is given. The result is cached by content."""
 
-    epochs: PositiveInt = 30
-    optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec())
-    schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec())
-    seed: Seed = 0
-    cache: bool = True
+    epochs: PositiveInt = Field(default=30, description="epochs of cross-entropy training")
+    optimizer: OptimizerSpec = Field(
+        default_factory=lambda: OptimizerSpec(), description="the teacher's optimizer"
+    )
+    schedule: ScheduleSpec = Field(
+        default_factory=lambda: ScheduleSpec(), description="the teacher's learning-rate schedule"
+    )
+    seed: Seed = Field(default=0, description="seed of the teacher's initial weights and data order")
+    cache: bool = Field(
+        default=True,
+        description="keep the trained teacher in `$DISTILL_CACHE` and reuse it while model, data and "
+        "training are the same",
+    )
 
     @model_validator(mode="after")
     def _peak_lr(self) -> TeacherTraining:
@@ -100,8 +128,15 @@ class TeacherSpec(ModelSpec):
     whose top-k targets replace the teacher (no model is loaded). With both, the cache must come from that
     teacher."""
 
-    name: str | None = Field(default=None, max_length=MAX_NAME)  # type: ignore[assignment]
-    train: TeacherTraining = Field(default_factory=TeacherTraining)
+    name: str | None = Field(  # type: ignore[assignment]
+        default=None,
+        max_length=MAX_NAME,
+        description="the teacher's model, as `student.name`; None with `cache`: no model is loaded",
+    )
+    train: TeacherTraining = Field(
+        default_factory=TeacherTraining,
+        description="how to train the teacher when neither a checkpoint nor a trained model is given",
+    )
     cache: Path | None = Field(default=None, description="a teacher cache folder (`distill cache`)")
 
     @model_validator(mode="after")
@@ -112,21 +147,33 @@ class TeacherSpec(ModelSpec):
 
 
 class DataSpec(Section):
-    name: str = Field(default="digits", max_length=MAX_NAME)
-    params: dict[str, Any] = Field(default_factory=dict)
-    batch_size: PositiveInt = Field(default=64, le=MAX_BATCH)
-    eval_batch_size: PositiveInt = Field(default=512, le=MAX_BATCH)
+    """The data set: a registered name and its parameters, and the batch sizes."""
+
+    name: str = Field(
+        default="digits", max_length=MAX_NAME, description="a registered data set (`distill list datasets`)"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the data set's parameters (files, sizes, tokenizer, ...)"
+    )
+    batch_size: PositiveInt = Field(
+        default=64, le=MAX_BATCH, description="training samples per batch and process (per micro-batch)"
+    )
+    eval_batch_size: PositiveInt = Field(
+        default=512, le=MAX_BATCH, description="samples per evaluation batch"
+    )
 
 
 class SourceSpec(Section):
     """Where inputs come from. `dataset`: the training split as it is. `teacher_generations` (language
     models): the teacher completes the training prompts (sequence-level KD); `params` are its sampling
     settings (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`, `fixed_length`, `seed`).
-    On-policy sources (language models; `distill.onpolicy.sources`): `student_rollouts` (`mix`: GKD's
+    On-policy sources (language models; `distill.sources`): `student_rollouts` (`mix`: GKD's
     lambda, sampling settings, `length_curriculum`), `opsd`, `soda`, `mixsd`."""
 
-    name: Literal["dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd"] = "dataset"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: Literal["dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd"] = Field(
+        default="dataset", description="where the training inputs come from (`SOURCES`)"
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="the source's settings")
 
     @field_validator("params")
     @classmethod
@@ -174,9 +221,11 @@ class SourceSpec(Section):
 
 
 class ObjectiveSpec(Section):
-    name: str = Field(max_length=MAX_NAME)
-    weight: float = Field(default=1.0, ge=0.0)
-    params: dict[str, Any] = Field(default_factory=dict)
+    """One weighted term of the training loss."""
+
+    name: str = Field(max_length=MAX_NAME, description="a registered objective (`distill list objectives`)")
+    weight: float = Field(default=1.0, ge=0.0, description="its weight in the sum of the method's terms")
+    params: dict[str, Any] = Field(default_factory=dict, description="the objective's parameters")
     warmup_epochs: float = Field(default=0.0, ge=0.0, description="ramp the weight linearly from 0")
 
 
@@ -188,8 +237,11 @@ def refuse_all_zero_weights(objectives: list[ObjectiveSpec], owner: str) -> None
 class MethodSpec(Section):
     """One way to train the student: a named list of weighted objectives."""
 
-    name: str = Field(max_length=MAX_METHOD_NAME)
-    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    name: str = Field(
+        max_length=MAX_METHOD_NAME,
+        description="the method's name in reports; its runs go to `methods/<slug>/seed-N`",
+    )
+    objectives: list[ObjectiveSpec] = Field(min_length=1, description="the weighted terms, summed")
     source: SourceSpec | None = Field(default=None, description="this method's source; None: the recipe's")
 
     @field_validator("name")
@@ -209,35 +261,71 @@ class MethodSpec(Section):
 
 
 class OptimizerSpec(Section):
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: PositiveFloat = Field(default=1e-3, le=MAX_LR)
-    weight_decay: float = Field(default=0.0, ge=0.0, le=MAX_WEIGHT_DECAY)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """The optimizer of the trained parameters."""
+
+    name: Literal["adamw", "sgd"] = Field(default="adamw", description="AdamW or SGD")
+    lr: PositiveFloat = Field(default=1e-3, le=MAX_LR, description="the peak learning rate")
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=MAX_WEIGHT_DECAY,
+        description="decoupled (AdamW) or added to the gradient (SGD)",
+    )
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only")
+    nesterov: bool = Field(default=False, description="SGD only: Nesterov momentum")
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="AdamW only: its running averages")
 
 
 class ScheduleSpec(Section):
     """Learning-rate schedule: linear warm-up, then constant, cosine, or step decay at epoch milestones."""
 
-    name: Literal["constant", "cosine", "step"] = "cosine"
-    warmup_epochs: float = Field(default=0.0, ge=0.0)
-    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    name: Literal["constant", "cosine", "step"] = Field(
+        default="cosine", description="after the warm-up; cosine ends at the run's last optimizer step"
+    )
+    warmup_epochs: float = Field(
+        default=0.0, ge=0.0, description="linear warm-up, in epochs (fractions allowed)"
+    )
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="cosine's floor, a fraction of lr")
     milestones: list[PositiveFloat] = Field(default_factory=list, description="epochs at which lr *= gamma")
-    gamma: PositiveFloat = 0.1
+    gamma: PositiveFloat = Field(default=0.1, description="step decay's factor at each milestone")
 
 
 class TrainerSpec(Section):
-    epochs: PositiveInt = 10
-    grad_accum: PositiveInt = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    max_grad_norm: PositiveFloat | None = None
+    """How each student trains: its length, accumulation, precision, checkpoints and logs."""
+
+    epochs: PositiveInt = Field(
+        default=10, description="passes over the training set (max_steps, when given, replaces it)"
+    )
+    max_steps: PositiveInt | None = Field(
+        default=None,
+        exclude_if=unset,
+        description="the run's length in optimizer steps, in place of epochs (the last epoch possibly cut); "
+        "the schedule's total steps follow it",
+    )
+    max_tokens: PositiveInt | None = Field(
+        default=None,
+        exclude_if=unset,
+        description="language models: end after the first optimizer step at which the counted (masked) "
+        "tokens trained on, over every process, reach this many; the schedule still spans epochs or "
+        "max_steps",
+    )
+    grad_accum: PositiveInt = Field(default=1, description="micro-batches per optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        default="no", description="autocast's precision (the weights stay float32)"
+    )
+    max_grad_norm: PositiveFloat | None = Field(
+        default=None, description="clip the gradients' norm to this; None = no clipping"
+    )
     checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps; 0 = end of each epoch")
-    keep_checkpoints: PositiveInt = 2
-    eval_every: PositiveInt = 1
-    log_every: PositiveInt = 10
-    nonfinite: Literal["stop", "skip"] = "stop"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    keep_checkpoints: PositiveInt = Field(default=2, description="the newest checkpoints kept per run")
+    eval_every: PositiveInt = Field(default=1, description="evaluate every this many epochs, and at the end")
+    log_every: PositiveInt = Field(
+        default=10, description="a training row in metrics.jsonl every this many optimizer steps"
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop", description="a NaN or infinite objective ends the run (stop) or drops its step (skip)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when available")
     threads: PositiveInt | None = Field(
         default=None, le=MAX_THREADS, description="torch CPU threads; None = torch's default"
     )
@@ -249,37 +337,85 @@ class TrainerSpec(Section):
 
 
 class EvaluationSpec(Section):
+    """What the report measures."""
+
     rule: Literal["last", "best"] = Field(
         default="last", description="which epoch the headline accuracy comes from; both are reported"
     )
-    latency: bool = True
+    latency: bool = Field(default=True, description="time the student and teacher per batch on the CPU")
 
 
 class OutputSpec(Section):
+    """Where a run writes, and what it logs to."""
+
     dir: Path | None = Field(default=None, description="None: runs/<name>/<date-time>, always a new folder")
-    tensorboard: bool = True
+    tensorboard: bool = Field(
+        default=True, description="TensorBoard event files in each run folder, when tensorboard is installed"
+    )
+    trackers: list[Literal["wandb", "mlflow"]] = Field(
+        default_factory=list,
+        exclude_if=unset,
+        description="experiment trackers, through Accelerate: Weights & Biases, MLflow (each must be "
+        "installed; set up by its own environment variables); a run per method and seed, in a project "
+        "named after the recipe",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError("name each tracker once")
+        if trackers:
+            from distill.errors import UserError
+            from distill.train.trackers import refuse_unusable_trackers
+
+            try:
+                refuse_unusable_trackers(trackers)
+            except UserError as err:  # pydantic adds where in the recipe
+                raise ValueError(str(err)) from None
+        return trackers
 
 
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME)
-    description: str = ""
+    """A recipe: data, teacher, student, the methods that train the student, and how they train."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=MAX_NAME,
+        description="the run's name (its folder under `runs/`)",
+    )
+    description: str = Field(default="", description="free text, shown at the top of the report")
     task: str | None = Field(
         default=None,
         description="the kind of problem (`distill.tasks`: classification, causal_lm, ...); None: the task "
         "that claims the recipe's data and student, else classification",
     )
-    data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec | None = None
-    student: ModelSpec
-    source: SourceSpec = Field(default_factory=SourceSpec)
-    objectives: list[ObjectiveSpec] | None = None
-    methods: list[MethodSpec] | None = None
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
-    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    data: DataSpec = Field(default_factory=DataSpec, description="the data set")
+    teacher: TeacherSpec | None = Field(
+        default=None, description="None: no teacher (objectives that need one are refused)"
+    )
+    student: ModelSpec = Field(description="the model the methods train")
+    source: SourceSpec = Field(
+        default_factory=SourceSpec, description="where training inputs come from, unless a method says"
+    )
+    objectives: list[ObjectiveSpec] | None = Field(
+        default=None, description="one method's weighted objectives (give this or `methods`)"
+    )
+    methods: list[MethodSpec] | None = Field(
+        default=None, description="several methods, each trained once per seed (give this or `objectives`)"
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="the students' optimizer")
+    schedule: ScheduleSpec = Field(
+        default_factory=ScheduleSpec, description="the students' learning-rate schedule"
+    )
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec, description="how each student trains")
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="each method trains once per seed; reports give mean ± std over them",
+    )
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="what the report measures")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="where the run writes")
     _source_file: Path | None = PrivateAttr(default=None)  # the YAML file it was read from, if any
 
     @property
@@ -289,6 +425,17 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _peak_lr(self) -> Recipe:
         refuse_overflowing_lr(self.optimizer, self.schedule, "schedule.")
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_of_a_language_model(self) -> Recipe:
+        from distill.recipe.check import LM_MODELS  # imported here: check imports this module
+
+        if self.trainer.max_tokens is not None and self.student.name not in LM_MODELS:
+            raise ValueError(
+                f"trainer.max_tokens counts a language model's tokens, and student '{self.student.name}' is "
+                "not one; give trainer.max_steps"
+            )
         return self
 
     @field_validator("objectives")

@@ -18,10 +18,10 @@ from distill.cache import IndexedDataset, TeacherCache
 from distill.data import build_data
 from distill.data.text import LMData, LMDataset
 from distill.data.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
-from distill.errors import UserError
+from distill.errors import UserError, shown
 from distill.io import atomic_write_json, cache_root, fingerprint, load_tensors
 from distill.models import count_parameters
-from distill.models.causal_lm import build_causal_lm, special_token_ids
+from distill.models.causal_lm import build_causal_lm, refuse_other_architectures, special_token_ids
 from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, SourceSpec
 from distill.runfolder import RunFolder
 from distill.sources import ONPOLICY_SOURCES, SourcePlan
@@ -59,9 +59,33 @@ def _model_tokenizer(spec: ModelSpec | None) -> Any:
     return None
 
 
+def refuse_other_models(spec: ModelSpec | None, role: str) -> None:
+    """A classifier's name (`mlp`, `small_cnn`, a zoo name) in a language-model recipe is a mistake, never
+    a request for a causal LM: refused by name rather than built as one."""
+    if spec is None or spec.name is None or spec.name in LM_MODELS:
+        return
+    raise UserError(
+        f"{role}: {shown(spec.name)} is not a language model; a language-model recipe's {role} is "
+        f"{' or '.join(LM_MODELS)} (a Hugging Face causal LM from params.config or params.path)"
+    )
+
+
+def refuse_other_folders(spec: ModelSpec | None, role: str) -> None:
+    """A model folder whose config names no causal LM (a BERT encoder), refused from its config alone, so
+    that `distill validate` says so too (loading it would fill a random head)."""
+    path = spec.params.get("path") if spec is not None else None
+    if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
+        return  # no folder, or none there yet: building the model says what is wrong in one line
+    try:
+        refuse_other_architectures(Path(path))
+    except UserError as err:
+        raise UserError(f"{role}: {err}") from None
+
+
 def build_lm_model(spec: ModelSpec, tokenizer: Any, role: str, *, for_training: bool = False) -> nn.Module:
     """The model of a recipe spec; a config takes its vocabulary size and special ids from the tokenizer.
     `for_training` builds a teacher in float32 (its `dtype` applies after training)."""
+    refuse_other_models(spec, role)
     params = {k: v for k, v in spec.params.items() if k != "tokenizer"}
     if for_training:
         params.pop("dtype", None)
@@ -263,7 +287,11 @@ class CausalLMTask(Task):
         return recipe.data.name in LM_DATA_SETS or recipe.student.name in LM_MODELS
 
     def check(self, recipe: Recipe) -> None:
-        """Every source is allowed (the schema validated their parameters)."""
+        """Student and teacher must be causal LMs; every source is allowed (the schema validated their
+        parameters)."""
+        for spec, role in ((recipe.student, "student"), (recipe.teacher, "teacher")):
+            refuse_other_models(spec, role)
+            refuse_other_folders(spec, role)
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         lm = prepare_lm_run(recipe, folder, progress=progress, console=console)

@@ -8,8 +8,16 @@ from pathlib import Path
 from rich.console import Console
 
 from distill.io import atomic_write_json, atomic_write_text
-from distill.tables import gain_and_spread, markdown_table, noise_verdict, objective_text, pm, rich_table
-from distill.tasks.report_common import MethodSummary, metrics_document, plot_learning_curves, teacher_line
+from distill.tables import markdown_table, objective_text, pm, rich_table
+from distill.tasks.report_common import (
+    MethodSummary,
+    gain_lines,
+    metrics_document,
+    plot_learning_curves,
+    teacher_line,
+    teacher_time_cell,
+    teacher_time_note,
+)
 from distill.tasks.results import ExperimentResult
 
 HEADERS = ["method", "params", "acc % (last)", "acc % (best ep.)", "agree %", "KL(T‖S)", "ECE %", "train s"]
@@ -28,7 +36,7 @@ def summary_rows(result: ExperimentResult) -> list[list[str]]:
                 "-",
                 "-",
                 f"{100 * m['ece']:.2f}",
-                f"{result.teacher.train_seconds:.1f}",
+                teacher_time_cell(result.teacher),
             ]
         )
     for runs in result.methods:
@@ -50,18 +58,13 @@ def summary_rows(result: ExperimentResult) -> list[list[str]]:
 
 def _gain_sentence(result: ExperimentResult) -> str:
     """How each method compares with the first one (the baseline): better, worse or within the seed spread."""
-    if len(result.methods) < 2:
-        return ""
-    base = MethodSummary.of(result.methods[0])
-    lines = []
-    for runs in result.methods[1:]:
-        s = MethodSummary.of(runs)
-        gain, spread = gain_and_spread(s.accuracy, base.accuracy, 100)
-        lines.append(
-            f"- {s.name} vs {base.name}: {gain:+.2f} points of accuracy, spread {spread:.2f} (the sum of the "
-            f"two standard deviations over seeds): {noise_verdict(gain, spread)}."
-        )
-    return "\n".join(lines) + "\n"
+    return gain_lines(result, "accuracy", "points of accuracy", scale=100)
+
+
+def _table_note(result: ExperimentResult) -> str:
+    """Why the teacher row has no time of this run, when it has none (a line under the table)."""
+    note = teacher_time_note(result.teacher) if result.teacher is not None and result.teacher.metrics else ""
+    return f"\n{note[0].upper()}{note[1:]}.\n" if note else ""
 
 
 def write_classification_report(result: ExperimentResult) -> Path:
@@ -91,6 +94,7 @@ def write_classification_report(result: ExperimentResult) -> Path:
         f"{latency_line}"
         f"- Wall time of the whole run: {result.wall_seconds:.1f} s.\n\n"
         + markdown_table(HEADERS, summary_rows(result))
+        + _table_note(result)
         + "\n"
         + _gain_sentence(result)
         + "\nObjectives per method:\n\n"
@@ -113,3 +117,6 @@ def print_classification_table(result: ExperimentResult, console: Console) -> No
             summary_rows(result),
         )
     )
+    note = _table_note(result).strip()
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)

@@ -1,13 +1,15 @@
-"""What every task's report shares: the teacher line, metrics.json, and learning curves (PNG)."""
+"""What every task's report shares: the teacher line and the teacher's time, each method against the first
+(gain against the seed-to-seed spread), metrics.json, the run's log rows, and learning curves (PNG)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.tables import mean_std
-from distill.tasks.results import ExperimentResult, MethodRuns
+from distill.tables import gain_and_spread, mean_std, noise_verdict
+from distill.tasks.results import ExperimentResult, MethodRuns, TeacherInfo
 
 
 @dataclass
@@ -53,6 +55,78 @@ def teacher_line(result: ExperimentResult) -> str:
     what = f"`{spec.name}` {spec.params}, " if spec.name is not None else ""
     cache = f" (`{spec.cache}`)" if info.source == "offline" else ""
     return f"- Teacher: {what}{info.parameters:,} parameters, {TEACHER_SOURCES[info.source]}{cache}.\n"
+
+
+# The teacher's "train s" cell when it was not trained in this run, and the note under the table saying why.
+TEACHER_TIME_CELLS = {"cache": "cached", "offline": "cached", "checkpoint": "loaded"}
+
+
+def teacher_time_cell(info: TeacherInfo) -> str:
+    """Seconds when the teacher trained in this run; else what it was instead (never a bare 0.0)."""
+    if info.source == "trained":
+        return f"{info.train_seconds:.1f}"
+    return TEACHER_TIME_CELLS.get(info.source, "-")
+
+
+def teacher_time_note(info: TeacherInfo | None) -> str:
+    """Why the teacher row shows no time of this run (empty when it trained in this run)."""
+    if info is None or info.source == "trained":
+        return ""
+    if info.source == "cache":
+        return (
+            f"teacher: cached (trained in an earlier run, {info.train_seconds:.1f} s then; from the run "
+            "cache): no teacher training in this run"
+        )
+    if info.source == "offline":
+        return (
+            "teacher: cached (its top-k targets were written by `distill cache` in an earlier run): "
+            "the teacher was not run here"
+        )
+    return "teacher: loaded from its checkpoint, not trained in this run"
+
+
+def method_values(runs: MethodRuns, key: str) -> list[float]:
+    """One metric at the last evaluation, one value per seed that has it."""
+    return [r.result.final[key] for r in runs.runs if key in r.result.final]
+
+
+def gain_lines(
+    result: ExperimentResult, key: str, what: str, *, scale: float = 1.0, lower_is_better: bool = False
+) -> str:
+    """Each method against the first one (the baseline) on one metric: the difference of the means, the
+    spread (the sum of the two standard deviations over seeds) and the verdict (better, worse or within
+    noise; a drop is the gain when lower is better). Empty with one method, or a metric no run has."""
+    if len(result.methods) < 2:
+        return ""
+    base = result.methods[0]
+    lines = []
+    for runs in result.methods[1:]:
+        values, base_values = method_values(runs, key), method_values(base, key)
+        if not values or not base_values:
+            continue
+        gain, spread = gain_and_spread(values, base_values, scale)
+        verdict = noise_verdict(-gain if lower_is_better else gain, spread)
+        lines.append(
+            f"- {runs.name} vs {base.name}: {gain:+.2f} {what}, spread {spread:.2f} (the sum of the two "
+            f"standard deviations over seeds): {verdict}."
+        )
+    return "".join(line + "\n" for line in lines)
+
+
+def logged_rows(run_dir: Path | None) -> list[dict[str, Any]]:
+    """A run's `metrics.jsonl` rows (a torn line skipped); none without a log."""
+    path = run_dir / "metrics.jsonl" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def metrics_document(result: ExperimentResult) -> dict[str, Any]:

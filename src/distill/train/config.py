@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +11,10 @@ from typing import Any, Literal
 @dataclass
 class TrainerConfig:
     epochs: int = 10
+    # The run's length in optimizer steps in place of epochs (the schedule spans it), and a budget of counted
+    # tokens that ends it early (language models); `distill.train.length`.
+    max_steps: int | None = None
+    max_tokens: int | None = None
     batch_size: int = 64
     eval_batch_size: int = 512
     grad_accum: int = 1
@@ -26,6 +31,10 @@ class TrainerConfig:
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True
+    # Experiment trackers through Accelerate (`distill.train.trackers`): "wandb", "mlflow", or Accelerate
+    # `GeneralTracker` objects, and the project they log to (each fit is a run there, named by its label).
+    trackers: Sequence[Any] = ()
+    tracker_project: str = "distill"
     stop_after_steps: int | None = None  # end early (tests of resume, smoke runs); None = train to the end
     # "auto": hidden states and output layers in place of logits when the models and every objective allow
     # it (`distill.heads`); "on": that or an error saying why not; "off": always the dense logits.
@@ -39,6 +48,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
     train_seconds: float = 0.0
     steps: int = 0
+    tokens: int = 0  # counted rows trained on, over every process: tokens for language models, else samples
     completed: bool = True
     run_dir: Path | None = None
     loss_path: str = "dense"  # "fused" when the step never built the logits (`distill.heads`)

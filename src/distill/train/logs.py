@@ -8,13 +8,25 @@ import csv
 import io
 import json
 import sys
-from dataclasses import asdict
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from distill.io import atomic_write_json, atomic_write_text
+
+LINE_SECONDS = 30.0  # off a terminal: one progress line at most this often (a short run prints none)
 
 
 def warn(message: str) -> None:
@@ -23,17 +35,106 @@ def warn(message: str) -> None:
     print("warning: " + " ".join(message.split()), file=sys.stderr, flush=True)
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """The training bar: steps done of all, the epoch's running loss, elapsed time; gone when done."""
+def progress_bar(enabled: bool, console: Console | None = None) -> Progress | LineProgress:
+    """The training bar on stderr: steps done of all, the epoch's running loss, elapsed time and the time
+    left; gone when done. Off a terminal (a log file, a pipe, CI), where rich draws nothing, plain lines
+    (`LineProgress`) say the same, so that a long teacher does not train in silence."""
+    console = console or Console(stderr=True)
+    if enabled and not console.is_terminal:
+        return LineProgress(stream=console.file)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
         disable=not enabled,
         transient=True,
     )
+
+
+def clock_text(seconds: float) -> str:
+    """`h:mm:ss`, as rich's time columns write it."""
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float
+    started_at: float  # when the bar began
+    started_from: float  # steps already done then (a resumed run)
+    printed_at: float
+    printed: bool = False
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class LineProgress:
+    """The training bar's stand-in off a terminal, with the calls the trainer makes of rich's `Progress`
+    (`add_task`, `update`, a `with` block): one plain line at most every `every` seconds, e.g.
+    `teacher: step 120/1,000 (12%), epoch 1/3 loss 2.3456, elapsed 0:00:30, ETA 0:03:40`, and a last line
+    when a run that printed any ends. A run shorter than `every` (`LINE_SECONDS`) prints nothing."""
+
+    def __init__(
+        self,
+        every: float | None = None,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.every = LINE_SECONDS if every is None else every
+        self.stream = stream
+        self.clock = clock
+        self._tasks: list[_Task] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(
+        self, description: str, total: float | None = None, completed: float = 0, **fields: Any
+    ) -> int:
+        now = self.clock()
+        self._tasks.append(_Task(description, total, completed, now, completed, now, fields=fields))
+        return len(self._tasks) - 1
+
+    def update(
+        self, task_id: int, *, advance: float = 0, completed: float | None = None, **fields: Any
+    ) -> None:
+        task = self._tasks[task_id]
+        task.completed = (task.completed if completed is None else completed) + advance
+        task.fields.update(fields)
+        now = self.clock()
+        done = task.total is not None and task.completed >= task.total
+        if now - task.printed_at >= self.every or (done and task.printed):
+            self._print(task, now)
+
+    def line(self, task: _Task, now: float) -> str:
+        """The task's progress in one line."""
+        elapsed = now - task.started_at
+        parts = [f"step {task.completed:,.0f}"]
+        if task.total:
+            parts[0] += f"/{task.total:,.0f} ({100 * task.completed / task.total:.0f}%)"
+        status = str(task.fields.get("status") or "")
+        if status:
+            parts.append(status)
+        parts.append(f"elapsed {clock_text(elapsed)}")
+        ran = task.completed - task.started_from
+        if task.total is not None and task.completed >= task.total:
+            parts.append("done")
+        elif task.total is not None and ran > 0:
+            parts.append(f"ETA {clock_text(elapsed / ran * (task.total - task.completed))}")
+        return f"{task.description}: " + ", ".join(parts)
+
+    def _print(self, task: _Task, now: float) -> None:
+        print(self.line(task, now), file=self.stream or sys.stderr, flush=True)
+        task.printed_at, task.printed = now, True
 
 
 def _row(line: str) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ A teacher stays frozen, in eval mode, under `torch.inference_mode()`, outside th
 it is co-trained (its own parameter group, its loss in the same backward pass). The step's forward passes
 are assembled in `distill.train.step`, logs written by `distill.train.logs`. Data order depends only on
 (seed, epoch); checkpoints carry weights, optimizer, scheduler, objective (and EMA or co-trained teacher)
-state and RNG, so a resumed run ends with the metrics of an uninterrupted one.
+state and RNG, so a resumed run ends with the metrics of an uninterrupted one. How long it trains (epochs,
+`max_steps`, `max_tokens`) is `distill.train.length`'s; trackers (wandb, MLflow) `distill.train.trackers`'.
 """
 
 from __future__ import annotations
