@@ -170,8 +170,10 @@ FEATURE_SETTINGS: dict[str, Setting] = {
     ),
     "fsp": Setting(
         "FSP",
-        (Term("cross_entropy", 1.0), Term("fsp", 50.0)),
-        REPDISTILLER.format(b=50, what="FSP over consecutive stages")
+        (Term("cross_entropy", 1.0), Term("fsp", 50.0, {"distance": "mean_squared", "pool": "avg"})),
+        REPDISTILLER.format(
+            b=50, what="FSP over consecutive stages (its mean-squared distance, average pooling)"
+        )
         + " (without RepDistiller's separate FSP pre-training stage)",
         "fsp",
     ),

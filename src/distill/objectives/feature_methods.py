@@ -27,9 +27,11 @@ from distill.losses.relations import (
     similarity_preserving,
 )
 from distill.objectives.base import (
+    ParamError,
     StepOutputs,
     number_in,
     positive_number,
+    shown,
     whole_number,
 )
 from distill.objectives.features import (
@@ -50,6 +52,12 @@ def _pair(objective: FeatureObjective, student_layer: Any, teacher_layer: Any) -
     name = objective.loss_name
     objective.student_refs = [layer_ref(name, "student_layer", student_layer)]
     objective.teacher_refs = [layer_ref(name, "teacher_layer", teacher_layer)]
+
+
+def choice(objective: str, key: str, value: Any, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ParamError(objective, key, f"must be one of {', '.join(valid)}, got {shown(value)}")
+    return value
 
 
 def _pooled(feature: Tensor) -> Tensor:
@@ -151,12 +159,26 @@ class RKD(FeatureObjective):
 class FSP(FeatureObjective):
     """Flow of solution procedure (Yim et al., 2017, "A Gift from Knowledge Distillation"): the Gram
     matrices between consecutive layers' feature maps (the "flow"), matched in squared distance. Consecutive
-    pairs of the named layers; their channel counts must agree between student and teacher."""
+    pairs of the named layers; their channel counts must agree between student and teacher. `distance`:
+    "squared" (the paper's squared Frobenius norm), "mean_squared" (RepDistiller's, for which its weight 50
+    was tuned) or "column_norm" (torchdistill's); `pool` ("max" or "avg", RepDistiller's) brings the larger
+    map of a pair to the smaller's size."""
 
-    def __init__(self, *, student_layers: Any = STAGES, teacher_layers: Any = STAGES) -> None:
+    def __init__(
+        self,
+        *,
+        student_layers: Any = STAGES,
+        teacher_layers: Any = STAGES,
+        distance: str = "squared",
+        pool: str = "max",
+    ) -> None:
         super().__init__("fsp")
         self.student_refs = layer_refs(self.loss_name, "student_layers", student_layers)
         self.teacher_refs = layer_refs(self.loss_name, "teacher_layers", teacher_layers)
+        self.distance = choice(
+            self.loss_name, "distance", distance, ("squared", "mean_squared", "column_norm")
+        )
+        self.pool = choice(self.loss_name, "pool", pool, ("max", "avg"))
 
     def build(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size], n_data: int) -> None:
         if len(student_shapes) < 2:
@@ -173,7 +195,8 @@ class FSP(FeatureObjective):
         students, teachers = self.features(outputs)
         total = torch.zeros((), device=students[0].device)
         for i in range(len(students) - 1):
-            total = total + fsp(students[i], students[i + 1], teachers[i], teachers[i + 1])
+            pair = (students[i], students[i + 1], teachers[i], teachers[i + 1])
+            total = total + fsp(*pair, distance=self.distance, pool=self.pool)
         return total
 
 
