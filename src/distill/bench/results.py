@@ -156,7 +156,9 @@ def results_markdown(result: BenchResult) -> str:
         f"{result.wall_seconds / 60:.1f} min wall time.\n",
         LEGEND,
         "- Teacher logits are memoised across runs (the teacher is frozen and the data un-augmented, so "
-        "each image's logits are computed once and reused): wall times exclude repeated teacher passes.\n"
+        "each image's logits are computed once and reused): wall times exclude repeated teacher passes; "
+        "feature rows (FitNet, AT, SP, PKT, RKD, FSP, CRD, ACAM-KD, TRG) read the teacher's modules and run "
+        "it at every step.\n"
         if any(not d.recipe.data.params.get("augment") for d in result.datasets)
         else "",
         "\n![accuracy per method](accuracy.png)\n\n![learning curves](learning_curves.png)\n",
