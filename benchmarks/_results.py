@@ -64,6 +64,14 @@ def seeds_and_file(
     return seeds, output_file(parser, name, args.out, quick=args.quick, partial=partial)
 
 
+def write_results(out: Path, text: str) -> None:
+    """Write a results file atomically (a benchmark stopped mid-write leaves the previous file whole)."""
+    from distill.io import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+
+
 def command_line(name: str, argv: list[str] | None) -> str:
     """The command that ran benchmark `name`, for the results file's header."""
     return shlex.join(["python", f"benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)])

@@ -77,7 +77,7 @@ from distill.train import OptimizerConfig, ScheduleConfig, Term, Trainer, Traine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
+from _results import command_line, out_help, seeds_and_file, write_results  # noqa: E402  (the results-file rule)
 
 PARTS = ("main", "ratios", "cost")
 MAIN_RATIO = OFFICIAL_MASK_RATIO  # 0.75
@@ -775,8 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\nCells are mean ± std over seeds; accuracy is a linear probe on the frozen student encoder "
         "(module docstring of benchmarks/dmae.py).\n\n" + "\n".join(sections)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(out, text)
     console.print(text)
     console.print(f"wrote {out} in {total:.0f} s")
     return 0

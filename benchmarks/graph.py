@@ -42,7 +42,7 @@ from distill.tasks.results import ExperimentResult
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
+from _results import command_line, out_help, seeds_and_file, write_results  # noqa: E402  (the results-file rule)
 
 PARTS = ("main", "teachers")
 DATASETS = ("cora", "citeseer")
@@ -350,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "`gcn`); the inductive split keeps Planetoid's unlabelled nodes observed, and is the same for every "
         "seed.\n\n" + "\n\n".join(sections) + "\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(out, text)
     console.print(text)
     console.print(f"wrote {out} in {total:.0f} s")
     return 0

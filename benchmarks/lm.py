@@ -38,7 +38,7 @@ from distill.tasks.causal_lm_report import headers, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
+from _results import command_line, out_help, seeds_and_file, write_results  # noqa: E402  (the results-file rule)
 
 # The default runs are the packaged recipes `lm_shakespeare` and `lm_arithmetic`; `--quick` shrinks models,
 # data and epochs with these overrides (merged key by key into the recipe).
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "train tok/s counts the counted training tokens per second of training (teacher forward "
         "included).\n\n" + "\n".join(sections)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(out, text)
     console.print(f"wrote {out} in {total:.0f} s")
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, output_file  # noqa: E402  (the results-file rule)
+from _results import command_line, out_help, output_file, write_results  # noqa: E402  (the results-file rule)
 
 VOCABS = (32768, 131072)
 QUICK_VOCABS = (4096,)
@@ -199,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{STEPS - 1} steps after a warm-up step. Peak over baseline: peak RSS minus the RSS once models, "
         "data and trainer are built.\n\n" + table(results, vocabs) + "\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(out, text)
     print(text)
     return 0
 

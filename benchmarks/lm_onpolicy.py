@@ -59,7 +59,7 @@ from distill.train import Term, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
+from _results import command_line, out_help, seeds_and_file, write_results  # noqa: E402  (the results-file rule)
 
 LLAMA = {
     "model_type": "llama",
@@ -703,8 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "Cells are mean ± std over seeds at the last epoch. Exact match is the student's greedy answer after "
         "`####` on the held-out problems.\n\n" + "\n\n".join(sections)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(out, text)
     console.print(text)
     console.print(f"wrote {out} in {total:.0f} s")
     return 0

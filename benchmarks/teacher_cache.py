@@ -33,7 +33,7 @@ from distill.tables import markdown_table, pm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, seeds_and_file  # noqa: E402  (the results-file rule)
+from _results import command_line, out_help, seeds_and_file, write_results  # noqa: E402  (the results-file rule)
 from lm import QUICK, merged  # noqa: E402  (the LM benchmark's quick overrides)
 
 # (top-k, tail draws): k None is the full distribution; draws replace the tail bucket by samples of the tail
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 2: the cores "
         "were shared, times are noisier).\n\n" + "\n\n".join(sections) + "\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_results(out, text)
     console.print(text)
     return 0
 
