@@ -24,20 +24,18 @@ def resolve_layers(
     model: nn.Module | None,
     role: str,
     objective: str,
-    *,
-    count: int | None = None,
 ) -> list[str]:
     """Module paths of `refs` in `model`: paths are checked (nearest valid path on a typo), indices index
-    the model's feature taps, "stages" names the taps between stem and pooled vector (the last `count` of
-    them when given, so that a shallower student pairs with the teacher's deepest stages)."""
+    the model's feature taps, "stages" names the taps between stem and pooled vector."""
     where = f"objective '{objective}': {role}"
     taps = feature_layers_of(model) if model is not None else []
     if (refs == STAGES or any(isinstance(r, int) for r in refs)) and not taps:
         name = type(model).__name__ if model is not None else "a cached teacher"
         raise UserError(f"{where} layers: {name} names no feature taps; give module paths (e.g. 'layer3')")
     if refs == STAGES:
-        stages = taps[1:-1]
-        return stages[-count:] if count is not None else stages
+        if len(taps) < 3:
+            raise UserError(f"{where} layers: its taps {taps} hold no stage between stem and pooled vector")
+        return taps[1:-1]
     paths = []
     for ref in refs:
         if isinstance(ref, int):
