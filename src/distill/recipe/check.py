@@ -29,6 +29,7 @@ from distill.models import MODELS, split_model_name
 from distill.objectives import OBJECTIVES, LogitObjective, Objective, Progress, StepOutputs, build_objective
 from distill.objectives.base import ParamError
 from distill.objectives.features import FeatureObjective
+from distill.objectives.opsd import OPSDObjective
 from distill.recipe.schema import MAX_SEED, Recipe, SourceSpec
 from distill.registry import Registry, nearest
 
@@ -178,7 +179,7 @@ def dry_run(objective: Objective) -> None:
     """Call an objective once on a tiny batch and step its schedule, so that a parameter value it cannot use
     is refused now, not at the first training step. Logit losses did this when they were built; objectives
     bound to a source (OPSD) or reading model layers are left to their own checks."""
-    if isinstance(objective, LogitObjective | FeatureObjective) or hasattr(objective, "bind"):
+    if isinstance(objective, LogitObjective | FeatureObjective | OPSDObjective):
         return
     logits = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
     outputs = StepOutputs(student_logits=logits, teacher_logits=logits.flip(-1), labels=torch.tensor([0, 1]))
@@ -321,7 +322,7 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
             method_source = (method.source or recipe.source).name
             # OPSD's objective is bound to its self-teacher by source 'opsd'; with another source it would
             # fail at the first training step
-            if hasattr(objective, "bind") and method_source != "opsd":
+            if isinstance(objective, OPSDObjective) and method_source != "opsd":
                 raise UserError(
                     f"{source}: {where}: objective '{term.name}' needs source 'opsd' (the student's rollouts "
                     f"with a privileged context), not '{method_source}'"
