@@ -15,10 +15,11 @@ from torch import Tensor
 from distill.models import build_model
 from distill.models.hooks import FeatureHooks
 from distill.objectives import OBJECTIVES, StepOutputs, build_objective
+from distill.objectives.features import is_feature_objective
 from distill.teachers import FrozenTeacher
 from distill.train.feature_taps import bind_feature_objectives, probe_and_build
 
-FEATURE_OBJECTIVES = [n for n in OBJECTIVES.names() if OBJECTIVES.entry(n).extra.get("kind") == "feature"]
+FEATURE_OBJECTIVES = [n for n in OBJECTIVES.names() if is_feature_objective(n)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCENARIOS = ("plain", "zeros", "equal", "huge")
 BATCH = 4

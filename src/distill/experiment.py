@@ -23,11 +23,11 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.io import atomic_write_text, fingerprint
-from distill.objectives import OBJECTIVES
 from distill.objectives.terms import Term
 from distill.recipe.schema import MethodSpec, Recipe, method_slug
 from distill.runfolder import RunFolder, manifest_recipe, recipe_inputs
 from distill.tasks import ExperimentResult, MethodRuns, SeedRun, Task, TaskSetup, TeacherInfo, task_for
+from distill.tasks.feature_layers import method_reads_features
 from distill.tasks.teacher_store import optimizer_config, schedule_config, steps_per_epoch, world_size
 from distill.train import fit
 from distill.train.logs import warn
@@ -144,11 +144,6 @@ def method_terms(method: MethodSpec) -> list[Term]:
     ]
 
 
-def reads_features(method: MethodSpec) -> bool:
-    """Whether any of the method's objectives reads module outputs (a feature objective)."""
-    return any(OBJECTIVES.entry(o.name).extra.get("kind") == "feature" for o in method.objectives)
-
-
 def student_trainer_settings(recipe: Recipe, *, seed: int, progress: bool) -> dict[str, Any]:
     """The recipe's trainer section as `fit()` settings for one student run."""
     t = recipe.trainer
@@ -247,14 +242,16 @@ def _train_methods(
         per_epoch = steps_per_epoch(
             len(plan.train_set), recipe.data.batch_size, recipe.trainer.grad_accum, world_size()
         )
+        # A wrapped teacher (a memo of its logits) serves logit objectives; features need the hooks.
+        teacher = (
+            setup.teacher if wrapped_teacher is None or method_reads_features(method) else wrapped_teacher
+        )
         for seed in recipe.seeds:
             seed_everything(seed)
             first = student is None
             student = task.build_student(recipe, setup)
             if first:
                 warn_larger_student(student, setup.teacher_info)
-            # A wrapped teacher (a memo of its logits) serves logit objectives; features need the hooks.
-            teacher = setup.teacher if wrapped_teacher is None or reads_features(method) else wrapped_teacher
             seeded = plan.seed(student, seed, method_terms(method), teacher)
             fit_started = time.perf_counter()
             result = fit(

@@ -22,7 +22,7 @@ from torch import Tensor
 import distill.losses as L
 from distill.errors import UserError
 from distill.objectives import OBJECTIVES, StepOutputs, build_objective
-from distill.objectives.features import FeatureObjective
+from distill.objectives.features import FeatureObjective, is_feature_objective
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TEMPERATURES = (None, 0.05, 100.0)  # None: the objective's default
@@ -160,7 +160,7 @@ KNOWN_BUGS: dict[str, str] = {}
 def _objective_cases() -> list[tuple[str, dict[str, Any]]]:
     """Every logit objective; feature objectives are swept on real models' taps in
     tests/test_feature_numerics.py."""
-    names = [n for n in OBJECTIVES.names() if OBJECTIVES.entry(n).extra.get("kind") != "feature"]
+    names = [n for n in OBJECTIVES.names() if not is_feature_objective(n)]
     return [(name, params) for name in names for params in [{}, *VARIANTS.get(name, [])]]
 
 

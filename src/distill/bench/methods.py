@@ -25,6 +25,7 @@ from typing import Any
 
 from distill.errors import UserError
 from distill.objectives import OBJECTIVES
+from distill.objectives.features import is_feature_objective
 from distill.recipe.schema import MethodSpec, ObjectiveSpec
 from distill.registry import nearest
 
@@ -204,10 +205,6 @@ FEATURE_SETTINGS: dict[str, Setting] = {
         "trg",
     ),
 }
-
-
-def is_feature_objective(name: str) -> bool:
-    return OBJECTIVES.entry(name).extra.get("kind") == "feature"
 
 
 def _declared(entry: Any) -> bool | None:

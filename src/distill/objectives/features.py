@@ -107,6 +107,12 @@ def register_feature_objective(name: str, cls: type[FeatureObjective], *, paper:
     OBJECTIVES.add(name, factory, summary=summary, paper=paper, kind="feature")
 
 
+def is_feature_objective(name: str) -> bool:
+    """Whether the registered objective `name` reads module outputs (registered by
+    `register_feature_objective`)."""
+    return OBJECTIVES.entry(name).extra.get("kind") == "feature"
+
+
 def sample_mask(feature: Tensor, mask: Tensor | None) -> Tensor | None:
     """The step's mask where it fits a feature's leading shape ((N,) over samples, (B, T) over a token
     sequence's positions), else None: a pooled feature of a token batch has no positions to mask."""

@@ -6,25 +6,27 @@ from __future__ import annotations
 from torch import nn
 
 from distill.errors import UserError
-from distill.objectives import OBJECTIVES, build_objective
-from distill.recipe.schema import Recipe
+from distill.objectives import build_objective
+from distill.objectives.features import is_feature_objective
+from distill.recipe.schema import MethodSpec, Recipe
 from distill.train.feature_taps import bind_feature_objectives
 
 
-def is_feature(name: str) -> bool:
-    return OBJECTIVES.entry(name).extra.get("kind") == "feature"
+def method_reads_features(method: MethodSpec) -> bool:
+    """Whether any of the method's objectives reads module outputs (a feature objective)."""
+    return any(is_feature_objective(t.name) for t in method.objectives)
 
 
 def reads_features(recipe: Recipe) -> bool:
     """Whether any method of the recipe has a feature objective."""
-    return any(is_feature(t.name) for method in recipe.method_list() for t in method.objectives)
+    return any(method_reads_features(method) for method in recipe.method_list())
 
 
 def check_feature_layers(recipe: Recipe, student: nn.Module, teacher: nn.Module | None) -> None:
     """Resolve every feature objective's layers against `student` and `teacher` (an untrained model of the
     teacher's architecture will do: only module paths and feature taps are read; None for a cache)."""
     for index, method in enumerate(recipe.method_list()):
-        terms = [t for t in method.objectives if is_feature(t.name)]
+        terms = [t for t in method.objectives if is_feature_objective(t.name)]
         if not terms:
             continue
         objectives = [build_objective(t.name, t.params) for t in terms]
