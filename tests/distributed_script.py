@@ -96,6 +96,30 @@ def llama(seed: int, hidden: int) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def encoder(seed: int, hidden: int) -> nn.Module:
+    """A fresh one-block BERT classifier over 60 token ids (`hf_encoder`), without dropout."""
+    from distill.models import build_model
+
+    torch.manual_seed(seed)
+    config = {
+        "num_hidden_layers": 1, "hidden_size": hidden, "num_attention_heads": 2,
+        "intermediate_size": 2 * hidden, "vocab_size": 60, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }  # fmt: skip
+    return build_model("hf_encoder", num_classes=4, input_shape=(12,), config=config, dropout=0.0)
+
+
+def token_data(n: int, seed: int) -> TensorDataset:
+    """Right-padded texts of 3 to 12 tokens (the sampler groups them by length), labelled by a token."""
+    from distill.data.text_classification import TokenDataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 60, (n, 12), generator=g)
+    for row, length in enumerate(torch.randint(3, 13, (n,), generator=g).tolist()):
+        ids[row, length:] = 0
+    return TokenDataset(ids, ids[:, 1] % 4, pad_id=0)
+
+
 def shard(model: nn.Module) -> None:
     """FSDP2: every process keeps 1/world of each weight and all-gathers it for the forward pass."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -173,6 +197,7 @@ def main() -> None:
     parser.add_argument(
         "--feature", action="store_true", help="CE + FitNets hint through a learned regressor"
     )
+    parser.add_argument("--encoder", action="store_true", help="text encoders on length-grouped token ids")
     args = parser.parse_args()
     if args.fsdp_checkpoint:
         fsdp_checkpoint(args.run_dir, args.report)
@@ -188,14 +213,17 @@ def main() -> None:
         time.sleep(args.step_seconds)
         return batch
 
-    teacher = llama(1, 32) if args.lm else mlp(1, 32)
+    make_model, make_data = (
+        (llama, lm_data) if args.lm else (encoder, token_data) if args.encoder else (mlp, data)
+    )
+    teacher = make_model(1, 32)
     if args.shard_teacher:
         shard(teacher)
     trainer = Trainer(
-        llama(2, 16) if args.lm else mlp(2, 16),
-        lm_data(64, seed=0) if args.lm else data(64, seed=0),  # 64 = 8 steps of 8 per epoch, as 2 x 4
+        make_model(2, 16),
+        make_data(64, seed=0),  # 64 = 8 steps of 8 per epoch, as 2 x 4
         teacher=teacher,
-        eval_data=None if args.lm else data(40, seed=1),
+        eval_data=None if args.lm else make_data(40, seed=1),
         objectives=[("cross_entropy", 0.5), ("fitnet", 0.5, {"student_layer": "1", "teacher_layer": "1"})]
         if args.feature
         else [("cross_entropy", 0.5), ("hinton_kd", 0.5, {"temperature": 2.0})],

@@ -88,6 +88,8 @@ REFUSED = [
     ("lm_fused_step", ["--quick"]),
     ("objectives", ["--only", "forward_kl"]),
     ("objectives", ["--rows", "64"]),
+    ("text", ["--quick"]),
+    ("text", ["--seeds", "1"]),
 ]
 
 

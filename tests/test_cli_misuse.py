@@ -24,7 +24,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "unknown diagnose": (["diagnose", "align"], "did you mean 'alignment'?"),
     "no command": ([], "distill: missing command (one of: run, validate"),
-    "no subcommand": (["bench"], "distill bench: missing command (one of: vision)"),
+    "no subcommand": (["bench"], "distill bench: missing command (one of: vision, text)"),
     "unknown option": (
         ["run", "x.yaml", "--epochs", "3"],
         "unknown option --epochs; recipe settings go through",

@@ -152,6 +152,17 @@ def test_feature_objective_on_two_processes_follows_one_process(tmp_path: Path) 
     assert_curves_match(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), 1e-5)
 
 
+def test_text_encoders_on_two_processes_follow_one_process(tmp_path: Path) -> None:
+    """The text task's models and data: BERT encoders on token ids that the sampler groups by length (the
+    groups are cut per optimizer step over both processes, so 2 x 4 sees 1 x 8's batches) and each process
+    trims to its own longest text: CE + KD follows the single process to the last evaluation."""
+    one = launch(tmp_path / "one", tmp_path / "one-report", 8, "--encoder", processes=1)
+    two = launch(tmp_path / "two", tmp_path / "two-report", 4, "--encoder", processes=2)
+    assert_curves_match(losses(tmp_path / "two"), losses(tmp_path / "one"), 1e-5)
+    for key in ("accuracy", "f1", "loss", "agreement", "teacher_kl"):
+        assert abs(one[0]["final"][key] - two[0]["final"][key]) <= 1e-5, key
+
+
 def test_teacher_is_not_wrapped_and_holds_no_gradients(double: tuple[Path, list]) -> None:
     for report in double[1]:
         assert report["student_wrapper"] == "DistributedDataParallel"

@@ -25,18 +25,43 @@ SCENARIOS = ("plain", "zeros", "equal", "huge")
 BATCH = 4
 
 
-def built(name: str) -> tuple[Any, list[torch.Size], list[torch.Size]]:
-    """The objective bound to a small CNN student / teacher pair's feature taps and built from one probe;
-    with the shapes of the features it reads."""
-    torch.manual_seed(0)
+# Objectives that read a text encoder's blocks or attention: swept on a tiny encoder pair (fresh BERTs).
+ENCODER_ONLY = {"tinybert_hidden", "tinybert_attention", "minilm_attention", "minilm_relations"}
+ENCODER_ONLY |= {"attribution_guidance"}
+ENCODER_PARAMS = {"minilm_attention": {"relation_heads": 2}, "minilm_relations": {"relation_heads": 2}}
+ENCODER_PARAMS |= {"tinybert_attention": {"relation_heads": 2}}
+MASK_TAP = "token_mask"
+
+
+def tiny_encoder(hidden: int, layers: int) -> torch.nn.Module:
+    config = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 2}
+    config |= {"intermediate_size": 2 * hidden, "vocab_size": 64}
+    return build_model("hf_encoder", num_classes=3, input_shape=(6,), config=config)
+
+
+def models_for(name: str) -> tuple[torch.nn.Module, torch.nn.Module, Tensor]:
+    """Student, teacher and a batch of inputs: small CNNs, or tiny encoders for encoder-only objectives."""
+    if name in ENCODER_ONLY:
+        ids = torch.randint(1, 64, (BATCH, 6))
+        ids[1:, 4:] = 0  # padded texts
+        return tiny_encoder(16, 2), tiny_encoder(24, 4), ids
     student = build_model("small_cnn", num_classes=3, input_shape=(1, 8, 8), channels=[4, 8, 8])
     channels = [4, 8, 8] if name == "fsp" else [6, 12, 12]  # FSP compares flows of equal widths
-    teacher_model = build_model("small_cnn", num_classes=3, input_shape=(1, 8, 8), channels=channels)
-    objective = build_objective(name, {"negatives": 3} if name == "crd" else {})
+    teacher = build_model("small_cnn", num_classes=3, input_shape=(1, 8, 8), channels=channels)
+    return student, teacher, torch.randn(BATCH, 1, 8, 8)
+
+
+def built(name: str) -> tuple[Any, list[torch.Size], list[torch.Size], dict[str, Tensor]]:
+    """The objective bound to a small student / teacher pair's feature taps and built from one probe; with
+    the shapes of the features it reads and the padding masks it saw (kept as they are in the sweep)."""
+    torch.manual_seed(0)
+    student, teacher_model, inputs = models_for(name)
+    params = {"negatives": 3} if name == "crd" else ENCODER_PARAMS.get(name, {})
+    objective = build_objective(name, params)
     bind_feature_objectives([objective], [name], student, teacher_model)
     teacher = FrozenTeacher(teacher_model)
     teacher.attach("cpu", nullcontext, objective.teacher_layers)
-    batch = (torch.randn(BATCH, 1, 8, 8), torch.zeros(BATCH, dtype=torch.long))
+    batch = (inputs, torch.zeros(BATCH, dtype=torch.long))
     probe_and_build([objective], student, teacher, batch, lambda v: v, n_data=10)
     teacher.detach()
     with (
@@ -45,10 +70,12 @@ def built(name: str) -> tuple[Any, list[torch.Size], list[torch.Size]]:
     ):
         student.eval()(batch[0])
         teacher_model(batch[0])
+        masks = {p: f for p, f in {**s.features, **t.features}.items() if p == MASK_TAP}
         return (
             objective,
             [s.features[p].shape for p in objective.student_layers],
             [t.features[p].shape for p in objective.teacher_layers],
+            masks,
         )
 
 
@@ -67,7 +94,7 @@ def features(shapes: list[torch.Size], scenario: str, seed: int) -> list[Tensor]
 
 @pytest.mark.parametrize("name", FEATURE_OBJECTIVES)
 def test_feature_objective_stays_finite(name: str) -> None:
-    objective, student_shapes, teacher_shapes = built(name)
+    objective, student_shapes, teacher_shapes, masks = built(name)
     problems = []
     for dtype in DTYPES:
         for scenario in SCENARIOS:
@@ -76,12 +103,14 @@ def test_feature_objective_stays_finite(name: str) -> None:
             if scenario == "equal" and student_shapes == teacher_shapes:
                 teachers = [s.clone() for s in students]
             leaves = [s.to(dtype).requires_grad_(True) for s in students]
+            student_features = dict(zip(objective.student_layers, leaves, strict=True))
+            teacher_features = {
+                p: t.to(dtype) for p, t in zip(objective.teacher_layers, teachers, strict=True)
+            }
             step = StepOutputs(
                 torch.zeros(BATCH, 3),
-                student_features=dict(zip(objective.student_layers, leaves, strict=True)),
-                teacher_features={
-                    p: t.to(dtype) for p, t in zip(objective.teacher_layers, teachers, strict=True)
-                },
+                student_features={**student_features, **masks},  # padding masks stay masks
+                teacher_features={**teacher_features, **masks},
                 index=torch.arange(BATCH),
             )
             value = objective(step)

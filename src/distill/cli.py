@@ -330,6 +330,46 @@ def bench_vision(
     print_results(result, console)
 
 
+@bench_app.command("text")
+def bench_text(
+    suite: Annotated[str, typer.Option("--suite", help="quick | standard")] = "quick",
+    out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="seeds 0..N-1 (default: the recipes' own)")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the benchmark in --out")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="recipe override KEY.PATH=VALUE, e.g. trainer.epochs=2"),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
+) -> None:
+    """Text classification with encoders (SMS spam, fortunes): macro F1, agreement, ECE, latency."""
+    import shlex
+
+    from distill.bench.text import print_text_results, run_text_bench
+    from distill.bench.vision import parse_set
+
+    if resume and out is None:
+        raise UserError("--resume needs the benchmark folder: give --out DIR")
+    command = ["distill", "bench", "text", "--suite", suite]
+    command += ["--out", str(out)] if out is not None else []
+    command += ["--seeds", str(seeds)] if seeds is not None else []
+    command += ["--resume"] if resume else []
+    command += [part for item in set_ or [] for part in ("--set", item)]
+    bench = run_text_bench(
+        suite,
+        out=out,
+        seeds=seeds,
+        resume=resume,
+        overrides=parse_set(set_),
+        progress=progress,
+        console=console,
+        command=shlex.join(command),
+    )
+    print_text_results(bench, console)
+
+
 # ------------------------------------------------------------------------------------------ errors, main
 
 

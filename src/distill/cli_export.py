@@ -22,7 +22,12 @@ Method = Annotated[
     typer.Option("--method", help="the method's name (or folder name); default: the run's only method"),
 ]
 Seed = Annotated[
-    int | None, typer.Option("--seed", help="default: the seed with the best final accuracy / perplexity")
+    int | None,
+    typer.Option(
+        "--seed",
+        help="default: the seed with the best final accuracy (classifiers), macro F1 (text classifiers) or "
+        "perplexity (language models)",
+    ),
 ]
 
 
@@ -35,8 +40,9 @@ def export(
         str | None,
         typer.Option(
             "--format",
-            help="hf (language models: save_pretrained with the tokenizer), safetensors (zoo classifiers: "
-            "weights + model.json), onnx; default: hf for language models, safetensors for classifiers",
+            help="hf (language models and text classifiers: save_pretrained with the tokenizer), "
+            "safetensors (zoo and text classifiers: weights + model.json), onnx; default: hf for language "
+            "models and text classifiers, safetensors for zoo classifiers",
         ),
     ] = None,
 ) -> None:
@@ -51,13 +57,15 @@ def export(
 
 def predict(
     source: Annotated[Path, typer.Argument(help="a finished run's folder or an export folder")],
-    inputs: Annotated[list[str], typer.Argument(help="image files (classifiers) or text prompts (LMs)")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="image files (classifiers), texts (text classifiers) or prompts (LMs)")
+    ],
     method: Method = None,
     seed: Seed = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="classes shown per image")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", help="classes shown per image or text")] = 3,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens generated per prompt")] = 32,
 ) -> None:
-    """The student's top classes for image files, or its greedy continuation of text prompts."""
+    """The student's top classes for image files or texts, or its greedy continuation of text prompts."""
     from distill.export_student import CAUSAL_LM
     from distill.export_use import classify, continue_prompts, load_students
 
@@ -80,6 +88,12 @@ COLUMNS = {
         ("loss", "CE (nats)", 1.0, 3),
         ("ece", "ECE %", 100.0, 2),
     ],
+    "text_classification": [
+        ("f1", "macro F1 %", 100.0, 2),
+        ("accuracy", "acc %", 100.0, 2),
+        ("loss", "CE (nats)", 1.0, 3),
+        ("ece", "ECE %", 100.0, 2),
+    ],
     "causal_lm": [
         ("perplexity", "ppl", 1.0, 2),
         ("loss", "CE (nats)", 1.0, 3),
@@ -95,7 +109,8 @@ def eval_(
         str | None,
         typer.Option(
             "--data",
-            help="a registered data set name, an LM data file or a folder of <class>/ images "
+            help="a registered data set name, an LM data file, a table of texts and labels (text "
+            "classifiers: csv / tsv / jsonl / parquet) or a folder of <class>/ images "
             "(default: the recipe's data; its held-out split)",
         ),
     ] = None,

@@ -2,9 +2,16 @@
 
 - `hf` (language models): `save_pretrained` with its config and tokenizer, for
   `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`.
-- `safetensors` (zoo classifiers): `model.safetensors` (the state dict) and `model.json` (architecture,
-  constructor arguments, classes, input shape, normalisation); the model card says how to rebuild it.
-- `onnx`: `model.onnx` through `torch.onnx.export`, beside the spec or tokenizer (needs the onnx package).
+- `hf` (text classifiers): the encoder's `save_pretrained` (its `config.json` names the labels in
+  `id2label`) with the tokenizer, for `AutoModel.from_pretrained(dir)`, beside `head.safetensors` (the
+  linear head) and `head.json` (pooling, pad id, maximum length, label names). No transformers class pools
+  as these students do (mean over real tokens, or the CLS state without BERT's tanh pooler), so the card
+  holds the dozen lines of plain transformers + torch that give the student's logits.
+- `safetensors` (zoo and text classifiers): `model.safetensors` (the state dict) and `model.json`
+  (architecture, constructor arguments, classes, input shape, normalisation; a text classifier's encoder
+  config and tokenizer too); the model card says how to rebuild it.
+- `onnx`: `model.onnx` through `torch.onnx.export`, beside the spec or tokenizer (needs the onnx package); a
+  text classifier's graph takes right-padded `input_ids` alone (its padding mask is `ids != pad_id`).
 
 Every export has a model card (`README.md`), the run's recipe (`recipe.yaml`, which `distill run` reproduces)
 and `distill_export.json` (where it came from, and the sha256 of every other file but the card, which
@@ -31,6 +38,7 @@ from distill.errors import UserError, first_line, shown
 from distill.export_card import model_card
 from distill.export_student import (
     CAUSAL_LM,
+    TEXT,
     Choice,
     FinishedRun,
     Student,
@@ -45,10 +53,11 @@ FORMATS = ("hf", "safetensors", "onnx")
 MARKER = "distill_export.json"
 MARKER_FORMAT = 1
 CARD = "README.md"  # a user may edit the card: it is the one file without a checksum
+HF_TASKS = (CAUSAL_LM, TEXT)  # students that are Hugging Face models
 
 
 def default_format(task: str) -> str:
-    return "hf" if task == CAUSAL_LM else "safetensors"
+    return "hf" if task in HF_TASKS else "safetensors"
 
 
 def check_format(fmt: str | None, task: str | None = None) -> str | None:
@@ -67,7 +76,7 @@ def check_format(fmt: str | None, task: str | None = None) -> str | None:
                 "--format onnx needs the onnx package (pip install onnx onnxruntime); "
                 "hf and safetensors need nothing more"
             ) from None
-    if fmt == "hf" and task is not None and task != CAUSAL_LM:
+    if fmt == "hf" and task is not None and task not in HF_TASKS:
         raise UserError(
             "--format hf is for Hugging Face models; this student is a distill zoo classifier: "
             "use --format safetensors or onnx"
@@ -110,7 +119,40 @@ def _umask() -> int:
     return mask
 
 
+def labelled_encoder(student: Student) -> nn.Module:
+    """The text student's encoder, its config naming the labels (`id2label` / `label2id`)."""
+    assert student.spec is not None
+    encoder = student.model.encoder
+    names = student.spec["label_names"]
+    encoder.config.id2label = dict(enumerate(names))
+    encoder.config.label2id = {name: i for i, name in enumerate(names)}
+    return encoder
+
+
+def write_text_hf(student: Student, folder: Path) -> None:
+    assert student.spec is not None
+    with quiet_transformers():
+        labelled_encoder(student).save_pretrained(str(folder), safe_serialization=True)
+        student.tokenizer.save_pretrained(str(folder))
+    head = {k: v.detach().contiguous() for k, v in student.model.head.state_dict().items()}
+    save_tensors(folder / "head.safetensors", head, metadata={"format": "pt"})
+    atomic_write_json(folder / "head.json", {**student.spec, "weights": "head.safetensors"})
+
+
+def text_files(student: Student, folder: Path, weights: str) -> None:
+    """A text classifier's model.json (with its encoder's config) and tokenizer, beside `weights`."""
+    assert student.spec is not None
+    config = labelled_encoder(student).config.to_dict()
+    config.pop("transformers_version", None)
+    with quiet_transformers():
+        student.tokenizer.save_pretrained(str(folder))
+    atomic_write_json(folder / "model.json", {**student.spec, "encoder_config": config, "weights": weights})
+
+
 def write_hf(student: Student, folder: Path) -> None:
+    if student.task == TEXT:
+        write_text_hf(student, folder)
+        return
     with quiet_transformers():
         student.model.save_pretrained(str(folder), safe_serialization=True)
         student.tokenizer.save_pretrained(str(folder))
@@ -122,6 +164,9 @@ def write_safetensors(student: Student, folder: Path) -> None:
         return
     assert student.spec is not None
     save_tensors(folder / "model.safetensors", student.model.state_dict(), metadata={"format": "pt"})
+    if student.task == TEXT:
+        text_files(student, folder, "model.safetensors")
+        return
     atomic_write_json(folder / "model.json", student.spec)
 
 
@@ -151,6 +196,17 @@ def write_onnx(student: Student, folder: Path) -> None:
         probe: tuple[torch.Tensor, ...] = (probe_ids, mask)
         student.model.config.save_pretrained(str(folder))
         student.tokenizer.save_pretrained(str(folder))
+    elif student.task == TEXT:
+        assert student.spec is not None
+        model, names = student.model, ["input_ids"]
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+        pad, vocabulary = student.spec["pad_id"], len(student.tokenizer)
+        example = (torch.tensor([[101, 2023, 2003, 1037, 3231, 102, pad, pad]]).clamp_max(vocabulary - 1),)
+        probe_ids = torch.randint(0, vocabulary, (3, 11), generator=torch.Generator().manual_seed(0))
+        probe_ids[probe_ids == pad] = (pad + 1) % vocabulary
+        probe_ids[1, 6:], probe_ids[2, 2:] = pad, pad  # right-padded rows of other lengths
+        probe = (probe_ids,)
+        text_files(student, folder, "model.onnx")
     else:
         assert student.spec is not None
         model, names = student.model, ["input"]

@@ -2,7 +2,8 @@
 metrics (mean ± std over the run's seeds), how to load it without distill, and how to reproduce it.
 
 The plain-torch code for the `mlp` and `small_cnn` zoo models is run by `tests/test_export.py` exactly as it
-stands in the card, without distill, so the card cannot drift from the zoo's layout.
+stands in the card, without distill, so the card cannot drift from the zoo's layout; the transformers + torch
+code of text classifiers likewise by `tests/test_export_text.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import distill
-from distill.export_student import CAUSAL_LM, Choice, FinishedRun, Student
+from distill.export_student import CAUSAL_LM, TEXT, Choice, FinishedRun, Student
 from distill.models import count_parameters
 from distill.tables import markdown_table, objective_text, pm
 from distill.tasks.report_common import TEACHER_SOURCES
@@ -20,6 +21,13 @@ from distill.tasks.report_common import TEACHER_SOURCES
 # key, label, scale, digits: the rows of the metrics table, in this order, when the run recorded them
 METRIC_ROWS = {
     "classification": [
+        ("accuracy", "test accuracy %", 100.0, 2),
+        ("agreement", "top-1 agreement with the teacher %", 100.0, 2),
+        ("teacher_kl", "KL(teacher ‖ student), nats", 1.0, 3),
+        ("ece", "expected calibration error %", 100.0, 2),
+    ],
+    TEXT: [
+        ("f1", "test macro F1 %", 100.0, 2),
         ("accuracy", "test accuracy %", 100.0, 2),
         ("agreement", "top-1 agreement with the teacher %", 100.0, 2),
         ("teacher_kl", "KL(teacher ‖ student), nats", 1.0, 3),
@@ -142,6 +150,93 @@ session = onnxruntime.InferenceSession("{folder}/model.onnx")
 logits = session.run(["logits"], {{"input": x}})[0]
 """
 
+# A text classifier in transformers + torch: the encoder, the tokenizer and the linear head, then the pooling
+# the student was trained with. `_TEXT_HF` / `_TEXT_SAFETENSORS` build them, `_TEXT_USE` classifies.
+_TEXT_HF = """import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+folder = Path({folder!r})
+spec = json.loads((folder / "head.json").read_text())
+tokenizer = AutoTokenizer.from_pretrained(folder)
+encoder = AutoModel.from_pretrained(folder).eval()
+head = torch.nn.Linear(encoder.config.hidden_size, spec["num_classes"])
+head.load_state_dict(load_file(folder / "head.safetensors"))
+"""
+_TEXT_SAFETENSORS = """import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+folder = Path({folder!r})
+spec = json.loads((folder / "model.json").read_text())
+tokenizer = AutoTokenizer.from_pretrained(folder)
+encoder = AutoModel.from_config(AutoConfig.for_model(**spec["encoder_config"])).eval()
+head = torch.nn.Linear(encoder.config.hidden_size, spec["num_classes"])
+weights = load_file(folder / "model.safetensors")
+for part, module in (("encoder.", encoder), ("head.", head)):
+    module.load_state_dict({{k[len(part):]: v for k, v in weights.items() if k.startswith(part)}})
+"""
+_TEXT_USE = """
+
+def classify(texts: list[str]) -> torch.Tensor:
+    \"\"\"The student's logits, (len(texts), classes); spec["label_names"] names the classes.\"\"\"
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=spec["max_length"], return_tensors="pt"
+    )
+    mask = batch["attention_mask"]
+    with torch.inference_mode():
+        hidden = encoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        if spec["pooling"] == "cls":
+            pooled = hidden[:, 0]
+        else:  # the mean over real tokens
+            weights = mask[..., None].to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return head(pooled)
+
+
+probs = classify([{text!r}]).softmax(-1)[0]
+print([(spec["label_names"][i], round(float(probs[i]), 3)) for i in probs.argsort(descending=True)])
+"""
+_ONNX_TEXT = """import json
+
+import onnxruntime
+from transformers import AutoTokenizer
+
+spec = json.load(open("{folder}/model.json"))
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+session = onnxruntime.InferenceSession("{folder}/model.onnx")
+texts = [{text!r}]
+# right-padded token ids (the graph's padding mask is input_ids != spec["pad_id"])
+ids = tokenizer(texts, padding=True, truncation=True, max_length=spec["max_length"], return_tensors="np")
+logits = session.run(["logits"], {{"input_ids": ids["input_ids"].astype("int64")}})[0]
+print([spec["label_names"][i] for i in logits.argmax(-1)])
+"""
+
+
+def text_code(fmt: str, folder: str, text: str) -> str:
+    """Python that loads an exported text classifier with transformers + torch (or onnxruntime) alone and
+    classifies `text`."""
+    if fmt == "onnx":
+        return _ONNX_TEXT.format(folder=folder, text=text)
+    build = _TEXT_HF if fmt == "hf" else _TEXT_SAFETENSORS
+    return build.format(folder=folder) + _TEXT_USE.format(text=text)
+
+
+def example_text(student: Student) -> str:
+    """A short text of the held-out split, as the card's example input."""
+    test = getattr(student.data, "test", None)
+    tensors = getattr(test, "tensors", None)
+    if student.tokenizer is None or not tensors or not len(tensors[0]):
+        return "an example text"
+    words = str(student.tokenizer.decode(tensors[0][0], skip_special_tokens=True)).split()[:10]
+    return " ".join(words) or "an example text"
+
 
 def rebuild_code(spec: dict[str, Any]) -> tuple[str, bool]:
     """Python that rebuilds a zoo classifier from model.json and model.safetensors; and whether it needs no
@@ -161,6 +256,20 @@ def _block(code: str) -> str:
 
 def usage(student: Student, fmt: str, out: Path) -> str:
     folder = str(out)
+    if student.task == TEXT:
+        code = text_code(fmt, folder, example_text(student))
+        if fmt == "onnx":
+            return "## Use (ONNX Runtime)\n\n" + _block(code)
+        pooling = (student.spec or {}).get("pooling", "mean")
+        how = "the mean of its last hidden states over real tokens" if pooling == "mean" else "its CLS state"
+        return (
+            "## Use (transformers)\n\nNeeds torch, transformers and safetensors only (no distill). The "
+            f"student's linear head reads {how}; no `AutoModelForSequenceClassification` class pools so "
+            "(BERT's adds a tanh pooler), hence these lines. They give the student's logits. Labels: "
+            + ", ".join(f"{i} `{n}`" for i, n in enumerate((student.spec or {}).get("label_names", [])))
+            + f" (`{'config.json' if fmt == 'hf' else 'model.json'}`).\n\n"
+            + _block(code)
+        )
     if fmt == "onnx" and student.task != CAUSAL_LM:
         return "## Use (ONNX Runtime)\n\n" + _block(_ONNX_CLASSIFIER.format(folder=folder))
     if student.task == CAUSAL_LM:

@@ -1,6 +1,7 @@
 """A trained student out of a finished run: which one (method, seed), its checkpoint verified, the model
 rebuilt from the run's recipe with the checkpoint's weights, and what a user of the model needs beside it
-(a language model's tokenizer; a classifier's input shape, normalisation and class names).
+(a language model's tokenizer; a classifier's input shape, normalisation and class names; a text classifier's
+tokenizer, pooling, pad id and label names).
 
 Used by `distill export`, `distill predict` and `distill eval` (`distill.export`, `distill.export_use`).
 """
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 from torch import Tensor, nn
 
+from distill.data.text_classification import text_tokenizer
 from distill.errors import UserError, first_line, shown
 from distill.experiment import recipe_key
 from distill.io import fingerprint
@@ -27,10 +29,14 @@ from distill.runfolder import MANIFEST
 from distill.tasks import task_for
 from distill.train.checkpoint import TRAINER_STATE, latest_checkpoint, verify_checkpoint
 
-CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
+CLASSIFICATION, CAUSAL_LM, TEXT = "classification", "causal_lm", "text_classification"
 # The metric that picks the best seed, and whether higher is better. The final (last-epoch) row is used,
 # never the best epoch's: the checkpoint holds the last epoch's weights.
-HEADLINE: dict[str, tuple[str, bool]] = {CLASSIFICATION: ("accuracy", True), CAUSAL_LM: ("perplexity", False)}
+HEADLINE: dict[str, tuple[str, bool]] = {
+    CLASSIFICATION: ("accuracy", True),
+    CAUSAL_LM: ("perplexity", False),
+    TEXT: ("f1", True),  # macro F1: labels are imbalanced (13% spam)
+}
 # scikit-learn's digits scale their 0..16 pixels to [-1, 1] in the loader and keep no statistics: as
 # 8-bit images that is mean 0.5, std 0.5 on the [0, 1] scale; their classes are the digits.
 KNOWN_INPUTS: dict[str, dict[str, Any]] = {
@@ -112,9 +118,8 @@ def open_finished_run(path: Path) -> FinishedRun:
         raise UserError(f"{path / 'metrics.json'}: not the metrics of a distill run")
     task = task_for(recipe).name
     if task not in HEADLINE:
-        raise UserError(
-            f"{path}: a '{task}' run; export, predict and eval know {' and '.join(HEADLINE)} runs"
-        )
+        known = ", ".join(HEADLINE)
+        raise UserError(f"{path}: a '{task}' run; export, predict and eval know {known} runs")
     return FinishedRun(path.resolve(), recipe, task, metrics)
 
 
@@ -165,7 +170,8 @@ def choose_student(run: FinishedRun, method: str | None = None, seed: int | None
     if not scored:
         return Choice(spec, seeds[0], finals, f"the first seed (no {metric} recorded)")
     best = max(scored, key=lambda p: p[0]) if higher else min(scored, key=lambda p: p[0])
-    return Choice(spec, best[1], finals, f"the best final {metric} of {len(seeds)} seeds")
+    what = "macro F1" if metric == "f1" else metric
+    return Choice(spec, best[1], finals, f"the best final {what} of {len(seeds)} seeds")
 
 
 def verified_weights(run: FinishedRun, choice: Choice) -> tuple[dict[str, Tensor], int]:
@@ -243,6 +249,25 @@ def classifier_spec(recipe: Recipe, data: Any) -> dict[str, Any]:
     }
 
 
+def text_spec(recipe: Recipe, data: Any, model: nn.Module) -> dict[str, Any]:
+    """What a text classifier needs beside its weights (model.json / head.json): how it pools, which token
+    pads, how long a text may be, and its label names (numbered as in training: sorted label strings)."""
+    names = [str(n) for n in data.label_names]
+    return {
+        "format": 1,
+        "framework": "pytorch",
+        "architecture": recipe.student.name,
+        "params": dict(recipe.student.params),
+        "num_classes": int(data.num_classes),
+        "label_names": names,
+        "class_names": names,
+        "pooling": str(model.pooling),
+        "pad_id": int(model.pad_id),
+        "max_length": int(data.input_shape[0]),
+        "input_shape": [int(data.input_shape[0])],
+    }
+
+
 def lm_data(recipe: Recipe) -> Any:
     """The recipe's language-model data with the run's tokenizer: the student's, else the data section's,
     else the teacher's (as `distill.tasks.causal_lm.prepare_lm_run` chose it)."""
@@ -284,6 +309,9 @@ def build_student(run: FinishedRun, weights: dict[str, Tensor], where: str, data
         **recipe.student.params,
     )
     load_weights_into(model, weights, where)
+    if run.task == TEXT:
+        tokenizer = text_tokenizer(data.tokenizer)
+        return Student(model.eval(), run.task, data, tokenizer=tokenizer, spec=text_spec(recipe, data, model))
     return Student(model.eval(), run.task, data, spec=classifier_spec(recipe, data))
 
 

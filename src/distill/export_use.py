@@ -1,6 +1,9 @@
 """`distill predict` and `distill eval`: a student from a finished run (its verified checkpoint) or from an
-export folder (its files checked against `distill_export.json`), applied to image files or text prompts, or
-evaluated with its task's own metrics on the recipe's held-out split or another data set."""
+export folder (its files checked against `distill_export.json`), applied to image files, texts to classify or
+text prompts, or evaluated with its task's own metrics on the recipe's held-out split or another data set.
+
+A text classifier's labels are matched by name: another data set or table is evaluated with the student's own
+tokenizer, and its labels are renumbered as the student's (a label the student does not know is refused)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from distill.errors import UserError, clipped, shown
 from distill.export import MARKER, MARKER_FORMAT
 from distill.export_student import (
     CAUSAL_LM,
+    TEXT,
     FinishedRun,
     Student,
     choose_student,
@@ -81,6 +85,9 @@ def load_export(path: Path) -> Loaded:
         return Loaded(
             Student(model, CAUSAL_LM, data, tokenizer=tokenizer), recipe, label, str(document["method"])
         )
+    if document.get("task") == TEXT:
+        student = load_text_export(path, str(document.get("weights")))
+        return Loaded(student, recipe, label, str(document["method"]))
     from safetensors.torch import load_file
 
     from distill.export_student import load_weights_into
@@ -96,6 +103,29 @@ def load_export(path: Path) -> Loaded:
     load_weights_into(model, load_file(str(path / "model.safetensors")), str(path))
     student = Student(model.eval(), str(document.get("task")), None, spec=spec)
     return Loaded(student, recipe, label, str(document["method"]))
+
+
+def load_text_export(path: Path, weights: str) -> Student:
+    """A text classifier from its export: `hf` (encoder folder + head) or `safetensors` (one state dict)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from distill.data.tokenizers import load_tokenizer
+    from distill.export_student import load_weights_into
+    from distill.models.encoders import EncoderClassifier
+
+    spec = read_json(path / ("head.json" if weights == "hf" else "model.json"))
+    with quiet_transformers():
+        if weights == "hf":
+            encoder = AutoModel.from_pretrained(str(path))
+        else:
+            encoder = AutoModel.from_config(AutoConfig.for_model(**spec["encoder_config"]))
+    model = EncoderClassifier(encoder, spec["num_classes"], pooling=spec["pooling"], pad_id=spec["pad_id"])
+    if weights == "hf":
+        load_weights_into(model.head, load_file(str(path / "head.safetensors")), str(path))
+    else:
+        load_weights_into(model, load_file(str(path / "model.safetensors")), str(path))
+    return Student(model.eval(), TEXT, None, tokenizer=load_tokenizer(path), spec=spec)
 
 
 def run_students(run: FinishedRun, method: str | None, seed: int | None, every: bool) -> list[Loaded]:
@@ -153,10 +183,26 @@ def image_batch(spec: dict[str, Any], inputs: list[str]) -> torch.Tensor:
     return (pixels.float() / 255.0 - mean) / std
 
 
+def text_batch(student: Student, texts: list[str]) -> torch.Tensor:
+    """Texts as the classifier's input: token ids of the run's tokenizer, cut to its maximum length and
+    right-padded with its pad id, as the training data was."""
+    spec = student.spec or {}
+    for text in texts:
+        if not text.strip():
+            raise UserError("predict: an empty text; give the texts to classify")
+    encoded = student.tokenizer(
+        texts, padding=True, truncation=True, max_length=spec.get("max_length"), return_tensors="pt"
+    )
+    ids = encoded["input_ids"].long()
+    return ids.masked_fill(encoded["attention_mask"] == 0, int(spec.get("pad_id", 0)))
+
+
 @torch.inference_mode()
 def classify(loaded: Loaded, inputs: list[str], top_k: int) -> list[list[tuple[str, float]]]:
     spec = loaded.student.spec or {}
-    probs = torch.softmax(loaded.student.model(image_batch(spec, inputs)).float(), -1)
+    text = loaded.student.task == TEXT
+    batch = text_batch(loaded.student, inputs) if text else image_batch(spec, inputs)
+    probs = torch.softmax(loaded.student.model(batch).float(), -1)
     names = spec.get("class_names") or [str(i) for i in range(probs.shape[-1])]
     best = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return [
@@ -207,6 +253,8 @@ def evaluation_data(loaded: Loaded, data: str | None) -> Any:
         if not path.is_file() or kind is None:
             raise UserError(_unknown_data(data, f"a {'/'.join(LM_FILE_KINDS)} file"))
         return _lm_data(recipe, student, kind, path=str(path), test_path=str(path))
+    if student.task == TEXT:
+        return _text_data(loaded, data)
     if data is None and student.data is not None:
         return student.data
     if data is None or _registered(data):
@@ -239,6 +287,63 @@ def _lm_data(recipe: Recipe, student: Student, name: str | None, **params: Any) 
     if not isinstance(data, LMData):
         raise UserError(f"--data {name}: not a language-model data set")
     return data
+
+
+@dataclass
+class _TextTable:
+    test: Any
+    num_classes: int
+    label_names: tuple[str, ...]
+    description: str
+
+
+def _text_data(loaded: Loaded, data: str | None) -> Any:
+    """A text classifier's evaluation data: the run's held-out split, a registered text data set (its test
+    split), or a csv / tsv / jsonl / parquet table (all of it, tokenised with the student's tokenizer)."""
+    from distill.data import build_data
+    from distill.data.text_classification import TABLE_FORMATS, TokenDataset, read_table, tokenize_texts
+
+    recipe, student = loaded.recipe, loaded.student
+    if data is None and student.data is not None:
+        return student.data
+    params = dict(recipe.data.params)
+    if data is None or _registered(data):
+        name = data or recipe.data.name
+        if name != recipe.data.name:  # its own defaults, read with the run's tokenizer
+            params = {"tokenizer": params["tokenizer"]} if "tokenizer" in params else {}
+        built = build_data(name, **params)
+        if not hasattr(built, "label_names"):
+            raise UserError(f"--data {name}: not a text classification data set")
+        return built
+    path = Path(data)
+    if not path.is_file() or path.suffix.lower().lstrip(".") not in TABLE_FORMATS:
+        raise UserError(_unknown_data(data, f"a {'/'.join(TABLE_FORMATS)} table of texts and labels"))
+    same = recipe.data.name == "text_table"
+    texts, labels = read_table(
+        str(path),
+        None,
+        params.get("text_column", "text") if same else "text",
+        params.get("label_column", "label") if same else "label",
+    )
+    spec = student.spec or {}
+    ids = tokenize_texts(student.tokenizer, texts, int(spec.get("max_length", 128)))
+    number = {label: i for i, label in enumerate(sorted(set(labels)))}
+    dataset = TokenDataset(ids, torch.tensor([number[y] for y in labels]), int(spec.get("pad_id", 0)))
+    return _TextTable(dataset, len(number), tuple(sorted(number)), f"{path}: {len(texts)} texts")
+
+
+def _student_labels(loaded: Loaded, data: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The data's label numbers as the student's (matched by name); one line for a label it does not know."""
+    names = list((loaded.student.spec or {}).get("label_names") or [])
+    theirs = list(getattr(data, "label_names", ()) or [])
+    if not names or not theirs or theirs == names:
+        return labels
+    unknown = [n for n in theirs if n not in names]
+    if unknown:
+        raise UserError(
+            f"the data's label {shown(unknown[0])} is not one of the student's labels ({', '.join(names)})"
+        )
+    return torch.tensor([names.index(n) for n in theirs])[labels]
 
 
 @dataclass
@@ -284,6 +389,12 @@ def evaluate(loaded: Loaded, data: Any, batch_size: int) -> dict[str, float]:
     from distill.metrics import classification_metrics
 
     spec = loaded.student.spec or {}
+    if loaded.student.task == TEXT:
+        logits, labels = [], []
+        for x, y in DataLoader(data.test, batch_size=batch_size):
+            logits.append(model(x).float())
+            labels.append(_student_labels(loaded, data, y))
+        return classification_metrics(torch.cat(logits), torch.cat(labels))
     shape = list(getattr(data, "input_shape", ()))
     if spec.get("input_shape") is not None and shape != list(spec["input_shape"]):
         raise UserError(f"the data's inputs have shape {shape}, the student takes {spec['input_shape']}")

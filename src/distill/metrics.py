@@ -13,6 +13,20 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def macro_f1(logits: Tensor, labels: Tensor, num_classes: int | None = None) -> float:
+    """Macro-averaged F1 in [0, 1]: the unweighted mean over classes of 2 TP / (2 TP + FP + FN), the
+    headline of imbalanced tasks (a classifier that always says "ham" has 87% accuracy on SMS spam but a
+    macro F1 of 0.47). A class with no true and no predicted sample scores 0, as scikit-learn's default."""
+    classes = num_classes or logits.shape[-1]
+    predicted = logits.argmax(-1)
+    scores = []
+    for c in range(classes):
+        true_positive = ((predicted == c) & (labels == c)).sum().item()
+        wrong = ((predicted == c) != (labels == c)).sum().item()
+        scores.append(2 * true_positive / (2 * true_positive + wrong) if true_positive + wrong else 0.0)
+    return sum(scores) / classes
+
+
 def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> float:
     """Fraction of inputs where student and teacher predict the same class."""
     return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
@@ -63,6 +77,7 @@ def classification_metrics(
     """The standard report of one model on one split; fidelity metrics when teacher logits are given."""
     metrics = {
         "accuracy": accuracy(logits, labels),
+        "f1": macro_f1(logits, labels),
         "ece": expected_calibration_error(logits, labels),
         "loss": torch.nn.functional.cross_entropy(logits.float(), labels).item(),
     }

@@ -33,6 +33,20 @@ from distill.tables import rich_table
 RESULT_FILES = ("results.md", "results.json")
 
 
+def check_bench_folder(out_dir: Path, recipe_names: list[str], resume: bool) -> None:
+    """Refuse, in one line, an output folder that is a file, or that holds an earlier benchmark (its results
+    or any of its recipes' runs) unless the benchmark resumes it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output folder {out_dir} is a file")
+    earlier = [f for f in RESULT_FILES if (out_dir / f).exists()]
+    earlier += [name for name in recipe_names if holds_run(out_dir / name)]
+    if earlier and not resume:
+        raise UserError(
+            f"output folder {out_dir} holds an earlier benchmark ({earlier[0]}); pass --resume to continue "
+            "it or choose another --out"
+        )
+
+
 def _default_out(suite: str) -> Path:
     return Path("runs") / f"bench-vision-{suite}" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -55,16 +69,7 @@ def run_vision_bench(
     started = time.perf_counter()
     recipes = suite_recipes(suite, seeds=seeds, methods=methods, overrides=overrides)
     out_dir = Path(out) if out is not None else _default_out(suite)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output folder {out_dir} is a file")
-    earlier = [f for f in RESULT_FILES if (out_dir / f).exists()] + [
-        r.name for r, _ in recipes if holds_run(out_dir / r.name)
-    ]
-    if earlier and not resume:
-        raise UserError(
-            f"output folder {out_dir} holds an earlier benchmark ({earlier[0]}); pass --resume to continue "
-            "it or choose another --out"
-        )
+    check_bench_folder(out_dir, [r.name for r, _ in recipes], resume)
     datasets = []
     for recipe, chosen in recipes:
         folder = out_dir / recipe.name

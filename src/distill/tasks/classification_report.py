@@ -21,9 +21,26 @@ from distill.tasks.report_common import (
 from distill.tasks.results import ExperimentResult
 
 HEADERS = ["method", "params", "acc % (last)", "acc % (best ep.)", "agree %", "KL(T‖S)", "ECE %", "train s"]
+F1_HEADER = "F1 % (macro)"
 
 
-def summary_rows(result: ExperimentResult) -> list[list[str]]:
+def headers(f1: bool) -> list[str]:
+    """The table's columns; tasks with imbalanced labels (text) add macro F1 after accuracy."""
+    return [*HEADERS[:4], F1_HEADER, *HEADERS[4:]] if f1 else list(HEADERS)
+
+
+def summary_rows(result: ExperimentResult, f1: bool = False) -> list[list[str]]:
+    rows = summary_rows_without_f1(result)
+    if not f1:
+        return rows
+    cells = []
+    if result.teacher is not None and result.teacher.metrics:
+        cells.append(f"{100 * result.teacher.metrics.get('f1', float('nan')):.2f}")
+    cells += [pm(MethodSummary.of(runs).f1, 100) for runs in result.methods]
+    return [[*row[:4], cell, *row[4:]] for row, cell in zip(rows, cells, strict=True)]
+
+
+def summary_rows_without_f1(result: ExperimentResult) -> list[list[str]]:
     rows = []
     if result.teacher is not None and result.teacher.metrics:
         m = result.teacher.metrics
@@ -56,9 +73,27 @@ def summary_rows(result: ExperimentResult) -> list[list[str]]:
     return rows
 
 
-def _gain_sentence(result: ExperimentResult) -> str:
+def _gain_sentence(result: ExperimentResult, f1: bool) -> str:
     """How each method compares with the first one (the baseline): better, worse or within the seed spread."""
+    if f1:
+        return gain_lines(result, "f1", "points of macro F1", scale=100)
     return gain_lines(result, "accuracy", "points of accuracy", scale=100)
+
+
+def latency_lines(latency: dict[str, float]) -> str:
+    """One line per measured batch size: `student` / `teacher` at `batch`, and `student_b1` / `teacher_b1`
+    at batch 1 when the task measured it."""
+    lines = ""
+    for suffix, batch in (("_b1", 1.0), ("", latency.get("batch", 0.0))):
+        if f"student{suffix}" not in latency:
+            continue
+        student = latency[f"student{suffix}"]
+        line = f"- Latency per batch of {int(batch)} on the CPU: student {1e3 * student:.2f} ms"
+        if f"teacher{suffix}" in latency:
+            teacher = latency[f"teacher{suffix}"]
+            line += f", teacher {1e3 * teacher:.2f} ms ({teacher / student:.1f}x faster)"
+        lines += line + ".\n"
+    return lines
 
 
 def _table_note(result: ExperimentResult) -> str:
@@ -67,20 +102,13 @@ def _table_note(result: ExperimentResult) -> str:
     return f"\n{note[0].upper()}{note[1:]}.\n" if note else ""
 
 
-def write_classification_report(result: ExperimentResult) -> Path:
-    """Write report.md, metrics.json and learning_curves.png into the run folder; return the report path."""
+def write_classification_report(result: ExperimentResult, *, f1: bool = False) -> Path:
+    """Write report.md, metrics.json and learning_curves.png into the run folder; return the report path.
+    With `f1`, the table has a macro-F1 column and the gains are in macro F1 (imbalanced labels)."""
     recipe = result.recipe
     out = result.out_dir
     plot = plot_learning_curves(result, out / "learning_curves.png")
-    latency = result.latency
-    latency_line = ""
-    if "student" in latency:
-        batch, student_ms = int(latency["batch"]), 1e3 * latency["student"]
-        latency_line = f"- Latency per batch of {batch} on the CPU: student {student_ms:.2f} ms"
-        if "teacher" in latency:
-            speedup = latency["teacher"] / latency["student"]
-            latency_line += f", teacher {1e3 * latency['teacher']:.2f} ms ({speedup:.1f}x faster)"
-        latency_line += ".\n"
+    latency_line = latency_lines(result.latency)
     teacher = teacher_line(result)
     text = (
         f"# {recipe.name}\n\n{recipe.description}\n\n"
@@ -93,10 +121,10 @@ def write_classification_report(result: ExperimentResult) -> Path:
         f"{recipe.evaluation.rule}); 'best epoch' picks the epoch of best test accuracy and is optimistic.\n"
         f"{latency_line}"
         f"- Wall time of the whole run: {result.wall_seconds:.1f} s.\n\n"
-        + markdown_table(HEADERS, summary_rows(result))
+        + markdown_table(headers(f1), summary_rows(result, f1))
         + _table_note(result)
         + "\n"
-        + _gain_sentence(result)
+        + _gain_sentence(result, f1)
         + "\nObjectives per method:\n\n"
         + "".join(
             f"- {m.name}: " + ", ".join(objective_text(o) for o in m.objectives) + "\n"
@@ -109,12 +137,12 @@ def write_classification_report(result: ExperimentResult) -> Path:
     return out / "report.md"
 
 
-def print_classification_table(result: ExperimentResult, console: Console) -> None:
+def print_classification_table(result: ExperimentResult, console: Console, *, f1: bool = False) -> None:
     console.print(
         rich_table(
             f"{result.recipe.name}: {len(result.recipe.seeds)} seeds, test split",
-            HEADERS,
-            summary_rows(result),
+            headers(f1),
+            summary_rows(result, f1),
         )
     )
     note = _table_note(result).strip()

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class MethodSummary:
     teacher_kl: list[float]
     ece: list[float]
     seconds: list[float]
+    f1: list[float] = field(default_factory=list)  # macro F1, last epoch
 
     @classmethod
     def of(cls, runs: MethodRuns) -> MethodSummary:
@@ -36,6 +37,7 @@ class MethodSummary:
             column("teacher_kl"),
             column("ece"),
             [r.result.train_seconds for r in runs.runs],
+            column("f1"),
         )
 
 

@@ -30,6 +30,8 @@ def make_loader(
         shuffle=shuffle,
         rank=acc.process_index if shuffle else 0,
         world_size=acc.num_processes if shuffle else 1,
+        lengths=getattr(data, "lengths", None),  # token counts: batches of similar length
+        batch_size=batch_size,
     )
     # A private generator: iterating a DataLoader otherwise draws a seed from the global RNG, which would
     # shift dropout masks after a mid-epoch resume. A data set with a `collate_fn` attribute (token

@@ -61,6 +61,10 @@ def bind_feature_objectives(
     for name, objective in zip(names, objectives, strict=True):
         if not isinstance(objective, FeatureObjective):
             continue
+        custom = objective.resolve_paths(student, teacher)
+        if custom is not None:  # an objective that knows the architecture (encoder blocks, attention)
+            objective.bind_layers(*custom)
+            continue
         student_paths = resolve_layers(objective.student_refs, student, "student", name)
         teacher_paths = resolve_layers(objective.teacher_refs, teacher, "teacher", name)
         if objective.student_refs == STAGES and objective.teacher_refs == STAGES:  # pair the deepest stages
@@ -117,3 +121,28 @@ def probe_and_build(
             [teacher_out[p].shape for p in objective.teacher_layers],
             n_data,
         )
+
+
+@torch.no_grad()
+def teacher_pass(
+    objectives: Sequence[Any], teacher: Teacher | None, dataset: Any, collate: Any, move: Any, batch_size: int
+) -> None:
+    """One pass of the teacher over the training set, in file order, for the objectives that fit teacher
+    statistics before training (`FeatureObjective.wants_teacher_pass`). Random streams are untouched (a
+    resumed run makes the same pass and continues exactly); a cached teacher that holds no features gives
+    the objectives nothing to observe, and they fall back on their own way."""
+    wanting = [o for o in objectives if isinstance(o, FeatureObjective) and o.wants_teacher_pass()]
+    if not wanting or teacher is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            inputs, labels, mask = (move(v) for v in split_batch(batch))
+            index = batch.get("index") if isinstance(batch, dict) else None
+            outputs = teacher.outputs(TeacherRequest(inputs, index, mask))
+            if not outputs.features:
+                return
+            for objective in wanting:
+                objective.observe_teacher(outputs.features, outputs.logits, labels)
+    for objective in wanting:
+        objective.finish_teacher_pass()

@@ -1,12 +1,21 @@
 """A shuffling sampler whose order depends only on (seed, epoch), sharded across processes, able to start
-mid-epoch: this is what makes a resumed run see exactly the batches an uninterrupted run would."""
+mid-epoch: this is what makes a resumed run see exactly the batches an uninterrupted run would.
+
+Given each sample's `lengths` (token counts of padded text), it groups by length as Hugging Face's
+`group_by_length` does: the shuffled order is cut into mega-batches of `GROUP_BATCHES` batches, each sorted
+by length, and that mega-batch's batches are shuffled again. A batch then holds texts of similar length, and a
+model that cuts its batch to the longest text (`distill.models.encoders`) computes far less padding; the
+order still depends only on (seed, epoch)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
+
+GROUP_BATCHES = 50
 
 
 class EpochSampler(Sampler[int]):
@@ -18,8 +27,12 @@ class EpochSampler(Sampler[int]):
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        lengths: Tensor | None = None,
+        batch_size: int = 1,
     ) -> None:
         self.length = length
+        self.lengths = lengths.tolist() if lengths is not None and len(lengths) == length else None
+        self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.rank = rank
@@ -35,7 +48,19 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(self.length))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.length, generator=generator).tolist()
+        order = torch.randperm(self.length, generator=generator).tolist()
+        if self.lengths is None:
+            return order
+        step = self.batch_size * self.world_size  # one optimizer step's samples over every process
+        grouped = []
+        for start in range(0, len(order), step * GROUP_BATCHES):
+            mega = sorted(
+                order[start : start + step * GROUP_BATCHES], key=self.lengths.__getitem__, reverse=True
+            )
+            batches = [mega[i : i + step] for i in range(0, len(mega), step)]
+            for index in torch.randperm(len(batches), generator=generator).tolist():
+                grouped += batches[index]
+        return grouped
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()

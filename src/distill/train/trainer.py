@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import default_collate
 
 from distill.cache.indexed import IndexedDataset
 from distill.errors import NonFiniteLossError, UserError
@@ -39,7 +40,7 @@ from distill.train.checkpoint import (
     scheduler_state,
 )
 from distill.train.config import FitResult, TrainerConfig, allow_mixed_precision
-from distill.train.feature_taps import bind_feature_objectives, probe_and_build, sample_batch
+from distill.train.feature_taps import bind_feature_objectives, probe_and_build, sample_batch, teacher_pass
 from distill.train.gradients import nonfinite_message, sync_objective_gradients
 from distill.train.length import TrainingLength, new_state, refuse_tokens_without_mask
 from distill.train.logs import RunLog, progress_bar
@@ -157,6 +158,15 @@ class Trainer:
             probe,
             self._to_device,
             len(self.train_loader.dataset),  # type: ignore[arg-type]
+        )
+        loader = self.train_loader
+        teacher_pass(
+            self.objectives,
+            self.teacher,
+            loader.dataset,
+            loader.collate_fn or default_collate,
+            self._to_device,
+            cfg.batch_size,
         )
         self.objectives.to(self.device)
         trainable = [p for p in student.parameters() if p.requires_grad]
