@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None, help="a bench folder to continue or assemble")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default: benchmarks/results/)")
     parser.add_argument("--jobs", type=int, default=2, help="sweep: runs side by side (one thread each)")
+    parser.add_argument(
+        "--recipes", default=None, help="main: a subset of the suite's recipes, e.g. bench_text_sms_spam"
+    )
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"wrote {out}")
         return 0
     suite = "quick" if args.quick else "standard"
-    partial = args.seeds is not None and args.seeds != 3
+    only = [name for name in args.recipes.split(",") if name] if args.recipes else None
+    partial = (args.seeds is not None and args.seeds != 3) or only is not None
     out = output_file(parser, "text", args.out, quick=args.quick, partial=partial)
     command = command_line("text", argv)
     with tempfile.TemporaryDirectory(prefix="distill-bench-text-") as tmp:
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume is not None,
             console=console,
             command=command,
+            only=only,
         )
     write_results(out, results_markdown(bench))
     console.print(f"wrote {out}")

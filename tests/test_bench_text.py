@@ -23,9 +23,13 @@ def test_every_suite_recipe_is_valid_and_names_its_methods() -> None:
     assert [m.name for m in standard[0].method_list()] == [m.name for m in standard[1].method_list()]
 
 
-def test_an_unknown_suite_or_seed_count_is_one_line() -> None:
+def test_an_unknown_suite_seed_count_or_recipe_is_one_line() -> None:
     with pytest.raises(UserError, match="did you mean 'quick'"):
         text_suite_recipes("quik")
+    with pytest.raises(UserError, match="has no recipe 'bench_text_sms'"):
+        text_suite_recipes("standard", only=["bench_text_sms"])
+    only = text_suite_recipes("standard", only=["bench_text_fortunes"])
+    assert [r.name for r in only] == ["bench-text-fortunes"]
     with pytest.raises(UserError, match="at least 1"):
         text_suite_recipes("quick", seeds=0)
 

@@ -90,6 +90,7 @@ REFUSED = [
     ("objectives", ["--rows", "64"]),
     ("text", ["--quick"]),
     ("text", ["--seeds", "1"]),
+    ("text", ["--recipes", "bench_text_sms_spam"]),
 ]
 
 

@@ -54,8 +54,13 @@ class TextBench:
 
 
 def text_suite_recipes(
-    suite: str, *, seeds: int | None = None, overrides: dict[str, Any] | None = None
+    suite: str,
+    *,
+    seeds: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    only: list[str] | None = None,
 ) -> list[Recipe]:
+    """The suite's recipes (or `only` those of these packaged names), with `seeds` 0..N-1 and `overrides`."""
     if suite not in TEXT_SUITES:
         hint = nearest(suite, list(TEXT_SUITES))
         raise UserError(
@@ -64,8 +69,15 @@ def text_suite_recipes(
         )
     if seeds is not None and seeds < 1:
         raise UserError(f"--seeds: need at least 1, got {seeds}")
+    unknown = sorted(set(only or []) - set(TEXT_SUITES[suite]))
+    if unknown:
+        raise UserError(
+            f"suite '{suite}' has no recipe '{unknown[0]}'; it has {', '.join(TEXT_SUITES[suite])}"
+        )
     recipes = []
     for name in TEXT_SUITES[suite]:
+        if only is not None and name not in only:
+            continue
         data = merge(parse_yaml(builtin_recipe_text(name), name), overrides or {})
         if seeds is not None:
             data["seeds"] = list(range(seeds))
@@ -85,11 +97,12 @@ def run_text_bench(
     progress: bool = False,
     console: Console | None = None,
     command: str = "",
+    only: list[str] | None = None,
 ) -> TextBench:
     """Run every recipe of `suite` and write `results.md` / `results.json` into `out`."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    recipes = text_suite_recipes(suite, seeds=seeds, overrides=overrides)
+    recipes = text_suite_recipes(suite, seeds=seeds, overrides=overrides, only=only)
     out_dir = Path(out) if out is not None else default_out(suite)
     check_bench_folder(out_dir, [r.name for r in recipes], resume)
     results = []
