@@ -16,6 +16,7 @@ Parts:
         # set may also be run on its own first, in parallel: distill run bench_text_sms_spam --out
         # DIR/bench-text-sms-spam (and bench_text_fortunes -> DIR/bench-text-fortunes)
     python benchmarks/text.py --quick               # the quick suite, ~4 min -> text_quick.md
+    python benchmarks/text.py --recipes bench_text_sms_spam [--resume DIR]   # one data set -> text_partial.md
 
 A quick run, or another number of seeds, never writes over the full run's file (`benchmarks/_results.py`).
 """
