@@ -21,6 +21,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 import distill.cli as cli
+from cli_helpers import distill, refused
 from distill.cli_export import register
 from distill.recipe.load import builtin_recipe_text, recipe_from_dict
 
@@ -92,28 +93,6 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "output": {"dir": str(folder / "run"), "tensorboard": False},
     }
     return _train(recipe)
-
-
-def distill(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object
-) -> tuple[int, str, str]:
-    """`distill ARGS` in this process: exit status, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["distill", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> str:
-    code, out, err = distill(monkeypatch, capsys, *args)
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def exported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> str:

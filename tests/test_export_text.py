@@ -19,6 +19,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import distill.cli as cli
+from cli_helpers import distill, refused
 from distill.cli_export import register
 from distill.errors import UserError
 from distill.pretrained import pretrained_folder
@@ -77,27 +78,6 @@ def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run_recipe(recipe_from_dict(recipe), progress=False, console=Console(file=io.StringIO()))
     write_report(result)  # metrics.json: the run is finished
     return result.out_dir
-
-
-def distill(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["distill", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> str:
-    code, out, err = distill(monkeypatch, capsys, *args)
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def export(
