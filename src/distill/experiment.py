@@ -8,9 +8,11 @@ recipe copy, seeds, schedules in optimizer steps (for every process count), chec
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,15 @@ from torch import nn
 from distill.errors import UserError
 from distill.io import atomic_write_text, fingerprint
 from distill.objectives.terms import Term
-from distill.recipe.schema import MethodSpec, Recipe, method_slug
+from distill.recipe.schema import MethodSpec, Recipe, SelfTeacherSpec, method_slug
 from distill.runfolder import RunFolder, manifest_recipe, recipe_inputs
 from distill.tasks import ExperimentResult, MethodRuns, SeedRun, Task, TaskSetup, TeacherInfo, task_for
+from distill.tasks.base import MethodPlan
 from distill.tasks.feature_layers import method_reads_features
+from distill.tasks.regimes import Regimes, estimated_alpha, generation_terms, held_out_split
 from distill.tasks.teacher_store import optimizer_config, schedule_config, steps_per_epoch, world_size
-from distill.train import fit
+from distill.teachers import FrozenTeacher
+from distill.train import FitResult, fit
 from distill.train.logs import warn
 from distill.train.seeding import seed_everything
 
@@ -223,6 +228,60 @@ def run_recipe(
         folder.release()
 
 
+@dataclass
+class MethodTraining:
+    """What every student fit of one method shares; `fit_student` trains one (a seed, or a generation)."""
+
+    recipe: Recipe
+    method: MethodSpec
+    setup: TaskSetup
+    plan: MethodPlan
+    method_dir: Path
+    recipe_key: str
+    resume: bool
+    progress: bool
+
+    def fit_student(
+        self,
+        student: nn.Module,
+        seed: int,
+        terms: list[Term],
+        teacher: Any,
+        run_name: str,
+        label: str,
+        train_set: Any = None,
+    ) -> FitResult:
+        recipe = self.recipe
+        seeded = self.plan.seed(student, seed, terms, teacher)
+        if self.method.teacher is not None:  # the regime's teacher, whatever the source planned
+            seeded = replace(seeded, teacher=teacher)
+        if train_set is not None:  # a part of the training set (self-distillation's held-out split)
+            seeded = replace(seeded, train_set=train_set)
+        per_epoch = steps_per_epoch(
+            len(seeded.train_set), recipe.data.batch_size, recipe.trainer.grad_accum, world_size()
+        )
+        # Earlier runs' fingerprints (resume checks) had no run name: the seed's own run keeps that form.
+        named = [] if run_name == f"seed-{seed}" else [run_name]
+        result = fit(
+            student,
+            seeded.train_set,
+            teacher=seeded.teacher,
+            objectives=seeded.objectives,
+            batch_transform=seeded.batch_transform,
+            optimizer=optimizer_config(recipe.optimizer),
+            schedule=schedule_config(recipe.schedule, per_epoch),
+            run_dir=self.method_dir / run_name,
+            resume=self.resume,
+            fingerprint=fingerprint([self.recipe_key, self.method.name, seed, *named]),
+            label=label,
+            **self.setup.fit_settings,
+            **student_trainer_settings(recipe, seed=seed, progress=self.progress),
+        )
+        if seeded.finish is not None:
+            seeded.finish(result, recipe.trainer.epochs)
+        return result
+
+
 def _train_methods(
     task: Task,
     recipe: Recipe,
@@ -234,17 +293,30 @@ def _train_methods(
     wrapped_teacher: nn.Module | None = None,
 ) -> tuple[list[MethodRuns], nn.Module | None]:
     key = recipe_key(recipe)
+    regimes = Regimes(task, recipe, setup, folder, progress)
+    for method in recipe.method_list():
+        regimes.check(method)
     methods: list[MethodRuns] = []
     student = None
     for method in recipe.method_list():
         runs = MethodRuns(method.name, [o.model_dump(mode="json") for o in method.objectives])
         plan = task.plan_method(recipe, method, setup, folder)
-        per_epoch = steps_per_epoch(
-            len(plan.train_set), recipe.data.batch_size, recipe.trainer.grad_accum, world_size()
-        )
         # A wrapped teacher (a memo of its logits) serves logit objectives; features need the hooks.
-        teacher = (
+        teacher = regimes.method_teacher(method) or (
             setup.teacher if wrapped_teacher is None or method_reads_features(method) else wrapped_teacher
+        )
+        if method.name in regimes.ensembles:
+            runs.teacher = regimes.ensembles[method.name]
+            console.print(f"  {method.name}: ensemble teacher {task.describe(runs.teacher.metrics)}")
+        training = MethodTraining(
+            recipe,
+            method,
+            setup,
+            plan,
+            folder.path / "methods" / method_slug(method.name),
+            key,
+            resume,
+            progress,
         )
         for seed in recipe.seeds:
             seed_everything(seed)
@@ -252,28 +324,75 @@ def _train_methods(
             student = task.build_student(recipe, setup)
             if first:
                 warn_larger_student(student, setup.teacher_info)
-            seeded = plan.seed(student, seed, method_terms(method), teacher)
             fit_started = time.perf_counter()
-            result = fit(
-                student,
-                seeded.train_set,
-                teacher=seeded.teacher,
-                objectives=seeded.objectives,
-                batch_transform=seeded.batch_transform,
-                optimizer=optimizer_config(recipe.optimizer),
-                schedule=schedule_config(recipe.schedule, per_epoch),
-                run_dir=folder.path / "methods" / method_slug(method.name) / f"seed-{seed}",
-                resume=resume,
-                fingerprint=fingerprint([key, method.name, seed]),
-                label=f"{method.name} seed {seed}",
-                **setup.fit_settings,
-                **student_trainer_settings(recipe, seed=seed, progress=progress),
-            )
-            if seeded.finish is not None:
-                seeded.finish(result, recipe.trainer.epochs)
+            extra: dict[str, Any] = {}
+            if isinstance(method.teacher, SelfTeacherSpec):
+                result, extra, student = _self_distillation(task, training, student, seed, console)
+            else:
+                seed_teacher = regimes.seed_teacher(method, student) or teacher
+                terms = method_terms(method)
+                label = f"{method.name} seed {seed}"
+                result = training.fit_student(student, seed, terms, seed_teacher, f"seed-{seed}", label)
             task.finish_seed(recipe, method, result, setup)
-            runs.runs.append(SeedRun(seed, result, time.perf_counter() - fit_started))
+            runs.runs.append(SeedRun(seed, result, time.perf_counter() - fit_started, extra))
             shown = f"{task.describe(result.final)} ({result.train_seconds:.1f}s)"
             console.print(f"  {method.name:<16} seed {seed}: {shown}")
         methods.append(runs)
     return methods, student
+
+
+def _self_distillation(
+    task: Task,
+    training: MethodTraining,
+    student: nn.Module,
+    seed: int,
+    console: Console,
+) -> tuple[FitResult, dict[str, Any], nn.Module]:
+    """S22's generations for one seed: the first on the label terms alone, each later one a fresh student
+    (the same initial weights) taught by the last, frozen, with the labels weighted alpha and the teacher
+    terms 1 - alpha. With `alpha: estimate`, each generation first trains a student with alpha 0 and takes
+    the alpha that best mixes its held-out predictions with the first generation's (S22's estimate). The
+    last generation trains in `seed-N` (what reports and `distill export` read); the others beside it."""
+    method, recipe = training.method, training.recipe
+    spec = method.teacher
+    assert isinstance(spec, SelfTeacherSpec)
+    estimate = spec.alpha == "estimate"
+    train_set, held_out = None, None
+    if estimate:
+        train_set, held_out = held_out_split(training.plan.train_set, spec.held_out, seed)
+    generations: list[dict[str, Any]] = []
+    first: nn.Module | None = None
+    previous: nn.Module | None = None
+    result: FitResult | None = None
+
+    def fresh_student() -> nn.Module:
+        seed_everything(seed)
+        return task.build_student(recipe, training.setup)
+
+    for generation in range(1, spec.generations + 1):
+        if generation > 1:
+            student = fresh_student()
+        teacher = FrozenTeacher(copy.deepcopy(previous)) if previous is not None else None
+        alpha: float | None = None
+        if previous is not None and estimate:
+            assert first is not None and held_out is not None
+            probe = fresh_student()
+            name = f"seed-{seed}-generation-{generation}-alpha-0"
+            probe_terms = generation_terms(method, method_terms(method), 0.0)
+            training.fit_student(probe, seed, probe_terms, teacher, name, f"{method.name} {name}", train_set)
+            alpha = estimated_alpha(first, probe, held_out, recipe.data.eval_batch_size)
+        elif previous is not None:
+            alpha = float(spec.alpha)  # type: ignore[arg-type]
+        terms = generation_terms(method, method_terms(method), alpha)
+        run_name = (
+            f"seed-{seed}" if generation == spec.generations else f"seed-{seed}-generation-{generation}"
+        )
+        label = f"{method.name} seed {seed} generation {generation}"
+        result = training.fit_student(student, seed, terms, teacher, run_name, label, train_set)
+        generations.append({"generation": generation, "alpha": alpha, "metrics": dict(result.final)})
+        weighting = f"alpha {alpha:.3f}" if alpha is not None else "labels only"
+        console.print(f"    generation {generation} ({weighting}): {task.describe(result.final)}")
+        first = first or student
+        previous = student
+    assert result is not None
+    return result, {"generations": generations}, student

@@ -38,15 +38,26 @@ TYPE_NAMES = {int: "integer", float: "number", str: "text", bool: "true / false"
 # ------------------------------------------------------------------------------------------ the sections
 
 
-def section_class(annotation: Any) -> type[BaseModel] | None:
-    """The section (a pydantic model) inside `X`, `X | None` or `list[X]`, if any."""
+def section_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The sections (pydantic models) inside `X`, `X | None`, `list[X]` or a union of sections (`X | Y`,
+    one per `kind`)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found: list[type[BaseModel]] = []
     for arg in typing.get_args(annotation):
-        inner = section_class(arg)
-        if inner is not None:
-            return inner
-    return None
+        found += [inner for inner in section_classes(arg) if inner not in found]
+    return found
+
+
+def section_class(annotation: Any) -> type[BaseModel] | None:
+    """The first section inside `annotation`, if any."""
+    found = section_classes(annotation)
+    return found[0] if found else None
+
+
+def _kind(model: type[BaseModel]) -> str:
+    """The `kind` that selects one section of a union (`methods[].teacher.kind: ensemble`)."""
+    return str(typing.get_args(model.model_fields["kind"].annotation)[0])
 
 
 def _is_list(annotation: Any) -> bool:
@@ -62,15 +73,15 @@ def sections() -> dict[type[BaseModel], list[str]]:
     while queue:  # breadth first: a section is named by its shortest key (`optimizer`, not a teacher's)
         path, model = queue.pop(0)
         for name, field in model.model_fields.items():
-            inner = section_class(field.annotation)
-            if inner is None:
-                continue
-            key = f"{path}.{name}" if path else name
-            key += "[]" if _is_list(field.annotation) else ""
-            first = inner not in found
-            found.setdefault(inner, []).append(key)
-            if first:
-                queue.append((key, inner))
+            inners = section_classes(field.annotation)
+            for inner in inners:
+                key = f"{path}.{name}" if path else name
+                key += "[]" if _is_list(field.annotation) else ""
+                key += f" (kind: {_kind(inner)})" if len(inners) > 1 else ""
+                first = inner not in found
+                found.setdefault(inner, []).append(key)
+                if first:
+                    queue.append((key, inner))
     return found
 
 
@@ -168,6 +179,10 @@ def default_text(field: FieldInfo) -> str:
         value = str(value)
     if isinstance(value, tuple):
         value = list(value)
+    if isinstance(value, list):  # a list of sections (an online peer's objectives) as the YAML gives them
+        value = [
+            v.model_dump(mode="json", exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value
+        ]
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 

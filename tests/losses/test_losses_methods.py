@@ -181,10 +181,11 @@ def test_adakd_reference(ratio: float) -> None:
     assert tau[0] == tau.min()
 
 
-def test_adakd_gradient_treats_selection_and_temperatures_as_constant() -> None:
+def test_adakd_detached_gradient_treats_selection_and_temperatures_as_constant() -> None:
+    # the default back-propagates through the temperatures (official code): tests/losses/test_logit_fixes.py
     s, t = _pair(6, 5, seed=11)
     s1 = s.clone().requires_grad_(True)
-    L.adakd(s1, t, base="forward_kl", token_ratio=0.5).backward()
+    L.adakd(s1, t, base="forward_kl", token_ratio=0.5, detach_temperature=True).backward()
     _, kept, tau = _adakd_reference(s, t, 0.5, 0.5, lambda a, b: kl(probs(b), probs(a)))
     s2 = s.clone().requires_grad_(True)
     vals = [

@@ -58,6 +58,7 @@ class Setting:
     terms: tuple[Term, ...]
     source: str  # where the numbers come from
     objective: str = ""  # the registered objective this method exists for ("" for the baseline)
+    teacher: dict[str, Any] | None = None  # the method's teacher regime (`methods[].teacher`), if any
 
 
 KD_SOURCE = "CRD / mdistiller CIFAR-100 protocol: 0.1 CE + 0.9 KD, T = 4"
@@ -207,6 +208,58 @@ FEATURE_SETTINGS: dict[str, Setting] = {
 }
 
 
+DML_TERMS = (Term("cross_entropy", 1.0), Term("forward_kl", 1.0))
+ONLINE_BDKD = (Term("cross_entropy", 1.0), Term("bdkd", 1.0, {"temperature": 1.0}))
+
+# Teacher regimes (`distill.tasks.regimes`), each with the terms its paper trains the student with. None was
+# tuned here: the values are the papers' (or, where a paper has none, the KD protocol's).
+REGIME_SETTINGS: dict[str, Setting] = {
+    "ensemble+kd": Setting(
+        "KD, 3-teacher ensemble",
+        PUBLISHED["hinton_kd"].terms,
+        "the KD protocol from the mean probability of the recipe's teacher trained with seeds 0, 1, 2",
+        "hinton_kd",
+        {"kind": "ensemble", "seeds": [0, 1, 2]},
+    ),
+    "dml": Setting(
+        "DML (online KL)",
+        DML_TERMS,
+        "Deep Mutual Learning (Zhang et al., CVPR 2018): two students of the same architecture, each CE + "
+        "KL(peer || self), T 1; no pre-trained teacher",
+        "forward_kl",
+        {"kind": "online"},
+    ),
+    "bdkd+online": Setting(
+        "BD-KD online",
+        ONLINE_BDKD,
+        "BD-KD's online setting (S26): DML with BD-KD's entropy-balanced divergence on both sides, T 1, "
+        "balance 3",
+        "bdkd",
+        {
+            "kind": "online",
+            "objectives": [
+                {"name": t.objective, "weight": t.weight, "params": t.params} for t in ONLINE_BDKD
+            ],
+        },
+    ),
+    "ema+kd": Setting(
+        "mean teacher (EMA)",
+        (Term("cross_entropy", 1.0), Term("hinton_kd", 1.0, {"temperature": 1.0})),
+        "the student's EMA (decay 0.99) as teacher, CE + KL at T 1; no pre-trained teacher",
+        "hinton_kd",
+        {"kind": "ema", "decay": 0.99},
+    ),
+    "self+kd": Setting(
+        "S22 self-distillation",
+        (Term("cross_entropy", 1.0), Term("hinton_kd", 1.0, {"temperature": 1.0})),
+        "S22: 3 generations, alpha CE + (1 - alpha) KL(previous || student) at T 1, alpha estimated per "
+        "generation on 10% of the training set held out; no pre-trained teacher",
+        "hinton_kd",
+        {"kind": "self", "generations": 3},
+    ),
+}
+
+
 def _declared(entry: Any) -> bool | None:
     value = entry.extra.get("classification")
     return None if value is None else bool(value)
@@ -258,7 +311,7 @@ def classification_methods() -> list[tuple[str, Setting]]:
         for key, setting in FEATURE_SETTINGS.items()
         if setting.objective in OBJECTIVES and is_feature_objective(setting.objective)
     ]
-    return methods
+    return methods + list(REGIME_SETTINGS.items())
 
 
 def skipped_objectives() -> dict[str, str]:
@@ -307,4 +360,5 @@ def method_spec(setting: Setting, epochs: int) -> MethodSpec:
             )
             for t in setting.terms
         ],
+        teacher=setting.teacher,
     )

@@ -98,6 +98,44 @@ def _led_differences(
     return torch.where(no_pair, zero, d_lead), torch.where(no_pair, zero, d_follow)
 
 
+MIN_K = 3
+"""The smallest top-k with a usable pairwise-difference softmax: at k = 2 the single difference has
+softmax 1 for both models, so the loss and its gradient are exactly 0 whatever the logits."""
+
+
+def _dbild_rows(
+    zs: Tensor,
+    zt: Tensor,
+    *,
+    k: int,
+    min_k: int,
+    adaptive: bool,
+    divergence: str,
+    temperature: float,
+) -> Tensor:
+    """Per-row DBiLD (teacher-led + student-led) of counted rows; ``min_k`` is not validated here."""
+    per_row = zs.new_zeros(zs.shape[0])
+    if zs.shape[0] == 0:
+        return per_row
+    for lead_is_teacher in (True, False):
+        lead, follow = (zt, zs) if lead_is_teacher else (zs, zt)
+        with torch.no_grad():
+            top_probs = torch.topk(torch.softmax(lead, -1), k=k, dim=-1).values
+            if adaptive:
+                sizes = _knee_sizes(top_probs, min(min_k, k))
+            else:
+                sizes = torch.full((lead.shape[0],), k, dtype=torch.long, device=lead.device)
+        d_lead, d_follow = _led_differences(lead, follow, k, sizes, temperature)
+        d_t, d_s = (d_lead, d_follow) if lead_is_teacher else (d_follow, d_lead)
+        log_t = torch.log_softmax(d_t, -1)
+        log_s = torch.log_softmax(d_s, -1)
+        if divergence == "forward_kl":
+            per_row = per_row + kl_from_log_probs(log_t, log_s)
+        else:
+            per_row = per_row + kl_from_log_probs(log_s, log_t)
+    return per_row
+
+
 def dbild(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -107,47 +145,56 @@ def dbild(
     reduction: str = "mean",
     top_k: int = 8,
     adaptive: bool = True,
-    min_k: int = 2,
+    min_k: int = MIN_K,
     divergence: str = "reverse_kl",
 ) -> Tensor:
     """DBiLD: dynamic bi-directional logits-difference loss (teacher-led + student-led).
 
     From "Switch-KD: Visual-Switch Knowledge Distillation for Vision-Language Models" (Sun et al., CVPR
     Findings 2026), extending BiLD ("BiLD: Bi-directional Logits Difference Loss for Large Language Model
-    Distillation", Li et al., 2024). For the teacher-led half, take the teacher's top-k classes, form all
-    k(k-1)/2 pairwise differences of the (T-softened) logits of each model on those classes, softmax them,
-    and compare; the student-led half does the same on the student's top-k. BiLD (``adaptive=False,
-    divergence="forward_kl"``) compares with KL(teacher || student), top_k = 8, T = 3 (BiLD's defaults).
-    DBiLD chooses k per row with the Kneedle knee of the leader's sorted top-``top_k`` probabilities
-    (at least ``min_k``) and uses the reverse KL. Switch-KD's code is not public: the Kneedle variant here
-    (largest gap below the chord of the normalised curve) is this library's reading of the paper.
-    The top-k selection carries no gradient; the selected logits do.
+    Distillation", Li et al., COLING 2025). For the teacher-led half, take the teacher's top-k classes
+    i_1..i_k, form all k(k-1)/2 pairwise differences of the (T-softened) logits of each model on them,
+    Delta_ab = (z[i_a] - z[i_b]) / T for a < b, and compare the softmaxes of the two difference vectors; the
+    student-led half does the same on the student's top-k:
+
+        L = D(sm(Delta_t), sm(Delta_s)) on the teacher's top-k + the same on the student's top-k (sm: softmax)
+
+    BiLD (``adaptive=False, divergence="forward_kl"``) is D = KL(teacher || student) with top_k = 8, T = 3
+    (BiLD's official code and defaults). DBiLD chooses k per row with the Kneedle knee of the leader's sorted
+    top-``top_k`` probabilities and uses the reverse KL, D = KL(student || teacher).
+
+    Switch-KD's training code is not public (its repository, haoyi199815/Switch-KD, holds the README and
+    inference code only), so two choices are this library's: the Kneedle variant (the knee is the largest gap
+    below the chord of the normalised curve; k = the entries before it) and the floor on k. Deliberate
+    deviation from a literal knee cut: k is at least ``min_k`` = 3 (this library used 2 before). On a
+    confident row the knee comes right after the top-1 class; with k = 2 there is a single difference, whose
+    softmax is 1 for both models, so the loss and its gradient would be exactly 0 (42-90 % of the rows of
+    random 10-class logits, and the confident rows above all). k = 3 is the smallest k whose
+    difference softmax identifies the logits (up to a shift) on the selected classes, so every row where the
+    models disagree there gets a non-zero loss, while the tail stays filtered out as the paper intends.
+    ``min_k`` and ``top_k`` (capped at the vocabulary size) must therefore be at least 3.
+
+    Pairs with a masked (``-inf``) entry are left out. The top-k selection carries no gradient; the selected
+    logits do.
     """
     if divergence not in ("forward_kl", "reverse_kl"):
         raise ValueError(f"divergence must be 'forward_kl' or 'reverse_kl', got {divergence!r}")
+    if min_k < MIN_K:
+        raise ValueError(
+            f"min_k must be at least {MIN_K}, got {min_k}: with k = 2 the single logit difference has "
+            "softmax 1 for both models and the loss is 0"
+        )
     rows = flatten_rows(
         student_logits, teacher_logits, mask=mask, temperature=temperature, reduction=reduction
     )
     zs, zt = rows.student, rows.teacher
     k = min(top_k, zs.shape[-1])
-    if k < 2:
-        raise ValueError("dbild needs at least 2 classes and top_k >= 2")
-    per_row = zs.new_zeros(zs.shape[0])
-    if zs.shape[0] > 0:
-        for lead_is_teacher in (True, False):
-            lead, follow = (zt, zs) if lead_is_teacher else (zs, zt)
-            with torch.no_grad():
-                top_probs = torch.topk(torch.softmax(lead, -1), k=k, dim=-1).values
-                if adaptive:
-                    sizes = _knee_sizes(top_probs, min(min_k, k))
-                else:
-                    sizes = torch.full((lead.shape[0],), k, dtype=torch.long, device=lead.device)
-            d_lead, d_follow = _led_differences(lead, follow, k, sizes, temperature)
-            d_t, d_s = (d_lead, d_follow) if lead_is_teacher else (d_follow, d_lead)
-            log_t = torch.log_softmax(d_t, -1)
-            log_s = torch.log_softmax(d_s, -1)
-            if divergence == "forward_kl":
-                per_row = per_row + kl_from_log_probs(log_t, log_s)
-            else:
-                per_row = per_row + kl_from_log_probs(log_s, log_t)
+    if k < MIN_K:
+        raise ValueError(
+            f"dbild needs at least {MIN_K} classes and top_k >= {MIN_K} (got {zs.shape[-1]} classes, "
+            f"top_k={top_k}): with 2 the single logit difference has softmax 1 for both models"
+        )
+    per_row = _dbild_rows(
+        zs, zt, k=k, min_k=min_k, adaptive=adaptive, divergence=divergence, temperature=temperature
+    )
     return reduce_rows(per_row, rows, reduction)

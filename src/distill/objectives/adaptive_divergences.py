@@ -131,7 +131,8 @@ class TAIDObjective(Objective):
 
 
 class AdaKDObjective(Objective):
-    """AdaKD over a base divergence, with the LATF token-ratio schedule in buffers."""
+    """AdaKD over a base divergence, with the LATF token-ratio schedule in buffers. The gradient flows
+    through the per-token temperatures as in the official code (``detach_temperature=True`` stops it)."""
 
     def __init__(
         self,
@@ -141,6 +142,7 @@ class AdaKDObjective(Objective):
         temperature_scale: float = 0.5,
         inverse: bool = True,
         base_params: dict | None = None,
+        detach_temperature: bool = False,
         decay: float = 0.99,
         tolerance: float = 0.05,
         step: float = 0.05,
@@ -161,6 +163,7 @@ class AdaKDObjective(Objective):
             temperature_scale=number_in("adakd", "temperature_scale", temperature_scale),
             inverse=flag("adakd", "inverse", inverse),
             base_params=base_params,
+            detach_temperature=flag("adakd", "detach_temperature", detach_temperature),
         )
         self.latf = dict(
             decay=number_in("adakd", "decay", decay, 0.0, 1.0),

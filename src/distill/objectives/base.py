@@ -254,6 +254,8 @@ class LogitObjective(Objective):
         if self.needs_labels:
             if outputs.labels is None:
                 raise UserError(f"objective '{self.loss_name}' needs labels, but the data has none")
+            if outputs.labels.is_floating_point():  # a mixup / cutmix source's (N, C) mixed labels
+                raise UserError(f"objective '{self.loss_name}' needs class indices, not soft (mixed) labels")
             extra["labels"] = outputs.labels
         return self.fn(
             outputs.student_logits, outputs.teacher_logits, mask=outputs.mask, **extra, **self.params

@@ -15,7 +15,12 @@ class CrossEntropy(Objective):
     """Cross-entropy with the labels, mean over counted rows; `label_smoothing` as in
     "Rethinking the Inception Architecture for Computer Vision" (Szegedy et al., 2016).
 
-    Rows count when `mask` is True (if given) and their label is not `ignore_index` (-100)."""
+    Rows count when `mask` is True (if given) and their label is not `ignore_index` (-100).
+
+    Labels may also be class distributions: float labels shaped like the logits ((N, C); a mixup / cutmix
+    source's mixed labels) give the soft-target cross-entropy -sum_c q_c log p_c, q = (1 - eps) y + eps / C
+    with eps the `label_smoothing` (what smoothing does to a one-hot label), mean over the rows `mask` counts.
+    On one-hot labels it equals the loss on their class indices."""
 
     needs_teacher = False
     needs_labels = True
@@ -35,6 +40,8 @@ class CrossEntropy(Objective):
     def forward(self, outputs: StepOutputs) -> Tensor:
         if outputs.labels is None:
             raise UserError("objective 'cross_entropy' needs labels, but the data has none")
+        if outputs.labels.is_floating_point():
+            return self._soft(outputs)
         if outputs.student_head is not None:
             head = outputs.student_head
             return linear_cross_entropy(
@@ -59,6 +66,29 @@ class CrossEntropy(Objective):
             reduction="sum",
         )
         return total / counted.clamp(min=1)
+
+    def _soft(self, outputs: StepOutputs) -> Tensor:
+        """Soft-target cross-entropy on (N, C) class distributions (see the class docstring)."""
+        labels, logits = outputs.labels, outputs.student_logits
+        assert labels is not None
+        if outputs.student_head is not None:
+            raise UserError(
+                "objective 'cross_entropy': soft labels need the dense logits, not the fused path"
+            )
+        if labels.shape != logits.shape:
+            raise UserError(
+                f"objective 'cross_entropy': float labels must be class distributions shaped like the logits "
+                f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+            )
+        classes = logits.shape[-1]
+        targets = labels.float().flatten(0, -2)
+        if self.label_smoothing:
+            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / classes
+        rows = -(targets * F.log_softmax(logits.float().flatten(0, -2), dim=-1)).sum(-1)
+        if outputs.mask is None:
+            return rows.sum() / max(1, rows.numel())
+        counted = outputs.mask.flatten().to(rows.device).bool()
+        return rows[counted].sum() / counted.sum().clamp(min=1)
 
 
 OBJECTIVES.add(

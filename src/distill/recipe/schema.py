@@ -56,6 +56,8 @@ SOURCES = {
     "opsd": "the student's rollouts scored by itself given a privileged context (objective opsd)",
     "soda": "teacher responses paired with a snapshot of the student's outputs (objective soda)",
     "mixsd": "targets decoded once from the base model's expert / naive mixture (objective cross_entropy)",
+    "mixup": "each batch mixed, lam x_i + (1 - lam) x_j and labels alike, teacher fed the mix (S37; images)",
+    "cutmix": "a box of x_j pasted into x_i, labels mixed by area, teacher fed the mix (S37; images)",
 }
 
 
@@ -146,6 +148,108 @@ class TeacherSpec(ModelSpec):
         return self
 
 
+# How a method's teacher is made (`methods[].teacher.kind`), each with its one-line summary.
+TEACHER_KINDS = {
+    "ensemble": "several teachers (the recipe's, trained with other seeds, and others), outputs aggregated",
+    "online": "a peer trained beside the student, each learning from the other (DML, online BD-KD)",
+    "ema": "the student's exponential moving average (mean teacher)",
+    "self": "iterative self-distillation: each generation learns from the last and the labels (S22)",
+}
+
+
+class EnsembleTeacherSpec(Section):
+    """Several teachers as one (`distill.teachers.ensemble`): the recipe's teacher trained with each of
+    `seeds`, and the `members` (each trained and cached like the recipe's teacher when it has no
+    checkpoint); their outputs mixed as `combine` says after each is put on one scale (`normalise`)."""
+
+    kind: Literal["ensemble"] = Field(description=TEACHER_KINDS["ensemble"])
+    seeds: list[Seed] = Field(
+        default_factory=list,
+        description="train seeds of the recipe's teacher, one member each (its own seed included or not)",
+    )
+    members: list[TeacherSpec] = Field(default_factory=list, description="further teachers")
+    weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
+        default=None, description="one per member (seeds first, then members); default: equal"
+    )
+    combine: Literal["probabilities", "logits"] = Field(
+        default="probabilities", description="mean of probabilities, or of (normalised) logits"
+    )
+    normalise: Literal["none", "standard", "minmax"] = Field(
+        default="none", description="each member's scores per row before a logit mean (S11)"
+    )
+
+    @model_validator(mode="after")
+    def _two_or_more(self) -> EnsembleTeacherSpec:
+        count = len(self.seeds) + len(self.members)
+        if count < 2:
+            raise ValueError(f"an ensemble needs at least two teachers (seeds + members), got {count}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("ensemble seeds must be distinct")
+        if self.weights is not None and len(self.weights) != count:
+            raise ValueError(f"give one weight per member ({count}), got {len(self.weights)}")
+        if self.weights is not None and sum(self.weights) <= 0:
+            raise ValueError("ensemble weights are all zero")
+        if self.combine == "probabilities" and self.normalise != "none":
+            raise ValueError("normalise applies to combine: logits (probabilities share one scale)")
+        return self
+
+
+class OnlineTeacherSpec(Section):
+    """A peer trained beside the student (`distill.teachers.cotrained`): both learn every step from the
+    other's detached outputs, the peer with its own `objectives` in which it is the "student" and the
+    student its "teacher" (deep mutual learning; online BD-KD with `bdkd` on both sides)."""
+
+    kind: Literal["online"] = Field(description=TEACHER_KINDS["online"])
+    model: ModelSpec | None = Field(
+        default=None, description="the peer's model; None: the student's architecture (DML)"
+    )
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=lambda: [
+            ObjectiveSpec(name="cross_entropy"),
+            ObjectiveSpec(name="forward_kl"),
+        ],
+        min_length=1,
+        description="the peer's own weighted terms (default: cross-entropy + KL towards the student)",
+    )
+    lr: PositiveFloat | None = Field(default=None, le=MAX_LR, description="None: the student's")
+    weight_decay: float | None = Field(
+        default=None, ge=0.0, le=MAX_WEIGHT_DECAY, description="None: the student's"
+    )
+
+
+class EMATeacherSpec(Section):
+    """The student's exponential moving average: theta_T <- decay theta_T + (1 - decay) theta_S."""
+
+    kind: Literal["ema"] = Field(description=TEACHER_KINDS["ema"])
+    decay: float = Field(default=0.999, ge=0.0, lt=1.0, description="the average's decay per optimizer step")
+
+
+class SelfTeacherSpec(Section):
+    """Iterative self-distillation with ground-truth weighting (S22): generation 1 trains on the label terms
+    alone; generation g > 1 starts afresh and learns from generation g - 1 (frozen) with the label terms
+    weighted alpha and the teacher terms 1 - alpha. The seed's result is the last generation's."""
+
+    kind: Literal["self"] = Field(description=TEACHER_KINDS["self"])
+    generations: int = Field(default=3, ge=2, le=20, description="students trained in turn (the first alone)")
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["estimate"] = Field(
+        default="estimate",
+        description="weight of the labels from generation 2 on; `estimate`: S22's estimate per generation, "
+        "from a student trained with alpha 0 and the first generation, on `held_out` of the training set",
+    )
+    held_out: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=0.5,
+        description="with alpha `estimate`: the fraction of the training set set aside (seeded) to estimate "
+        "alpha on; every generation trains on the rest",
+    )
+
+
+TeacherRegime = Annotated[
+    EnsembleTeacherSpec | OnlineTeacherSpec | EMATeacherSpec | SelfTeacherSpec, Field(discriminator="kind")
+]
+
+
 class DataSpec(Section):
     """The data set: a registered name and its parameters, and the batch sizes."""
 
@@ -168,11 +272,14 @@ class SourceSpec(Section):
     models): the teacher completes the training prompts (sequence-level KD); `params` are its sampling
     settings (`do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens`, `fixed_length`, `seed`).
     On-policy sources (language models; `distill.sources`): `student_rollouts` (`mix`: GKD's
-    lambda, sampling settings, `length_curriculum`), `opsd`, `soda`, `mixsd`."""
+    lambda, sampling settings, `length_curriculum`), `opsd`, `soda`, `mixsd`. Batch sources (image and
+    feature classification; `distill.sources.mixup`, S37): `mixup` and `cutmix`, params `alpha` (lam ~
+    Beta(alpha, alpha), > 0, default 1.0), `probability` (of mixing a batch, 0..1, default 1.0) and
+    `per_sample` (lam per row, default false); labels become mixed class distributions."""
 
-    name: Literal["dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd"] = Field(
-        default="dataset", description="where the training inputs come from (`SOURCES`)"
-    )
+    name: Literal[
+        "dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd", "mixup", "cutmix"
+    ] = Field(default="dataset", description="where the training inputs come from (`SOURCES`)")
     params: dict[str, Any] = Field(default_factory=dict, description="the source's settings")
 
     @field_validator("params")
@@ -197,7 +304,19 @@ class SourceSpec(Section):
 
     @model_validator(mode="after")
     def _onpolicy_params(self) -> SourceSpec:
-        if self.name not in ("dataset", "teacher_generations"):
+        if self.name in ("mixup", "cutmix"):
+            from distill.errors import UserError
+            from distill.recipe.check import check_param_values
+            from distill.sources.mixup import MixSettings
+            from distill.sources.settings import from_params
+
+            where = f"source '{self.name}'"
+            try:
+                check_param_values(MixSettings, self.params, f"{where}: params")
+                from_params(MixSettings, self.params, where)
+            except UserError as err:  # pydantic adds where in the recipe
+                raise ValueError(str(err)) from None
+        elif self.name not in ("dataset", "teacher_generations"):
             from distill.errors import UserError
             from distill.recipe.check import check_param_values
             from distill.sources import check_source
@@ -243,6 +362,12 @@ class MethodSpec(Section):
     )
     objectives: list[ObjectiveSpec] = Field(min_length=1, description="the weighted terms, summed")
     source: SourceSpec | None = Field(default=None, description="this method's source; None: the recipe's")
+    teacher: TeacherRegime | None = Field(
+        default=None,
+        exclude_if=unset,
+        description="how this method's teacher is made (`kind`: ensemble, online, ema, self); None: the "
+        "recipe's teacher as it is",
+    )
 
     @field_validator("name")
     @classmethod
@@ -483,3 +608,6 @@ class Recipe(Section):
 
 TeacherTraining.model_rebuild()
 TeacherSpec.model_rebuild()
+OnlineTeacherSpec.model_rebuild()
+EnsembleTeacherSpec.model_rebuild()
+MethodSpec.model_rebuild()

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from distill.errors import UserError
 from distill.models import count_parameters
-from distill.recipe.schema import MethodSpec, Recipe
+from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, TeacherSpec
 from distill.registry import Registry
 from distill.runfolder import RunFolder
 from distill.tasks.results import ExperimentResult, TeacherInfo
@@ -68,6 +68,7 @@ class Task:
     """The interface; `prepare`, `build_student` and `write_report` are required, the rest has defaults."""
 
     name: str = "task"
+    teacher_kinds: tuple[str, ...] = ()  # the `methods[].teacher` regimes it serves (`distill.tasks.regimes`)
 
     def claims(self, recipe: Recipe) -> bool:
         """True when this task serves a recipe that names no `task`."""
@@ -76,12 +77,30 @@ class Task:
     def check(self, recipe: Recipe) -> None:
         """Refuse, in one line, what this task cannot run (before any folder is made)."""
         sources = {m.source.name for m in recipe.method_list() if m.source is not None} | {recipe.source.name}
-        other = sorted(sources - {"dataset"})
+        # A task that can mix its input tensors (image / feature classification) names the batch sources it
+        # takes (`batch_sources`: mixup, cutmix; `distill.sources.mixup`).
+        other = sorted(sources - {"dataset", *getattr(self, "batch_sources", ())})
+        if other and other[0] in ("mixup", "cutmix"):
+            raise UserError(
+                f"source '{other[0]}' mixes input images or feature vectors; task '{self.name}' cannot mix "
+                "its inputs (token ids, graphs)"
+            )
         if other:
             raise UserError(
                 f"source '{other[0]}' needs a language-model recipe (data: text, jsonl, ...); "
                 f"task '{self.name}' trains on its data set"
             )
+        for method in recipe.method_list():
+            source = method.source or recipe.source
+            if source.name in ("mixup", "cutmix"):
+                from distill.tasks.mixing import check_mixing_method
+
+                check_mixing_method(recipe, method, f"method '{method.name}': source '{source.name}'")
+            if method.teacher is not None and method.teacher.kind not in self.teacher_kinds:
+                raise UserError(
+                    f"method '{method.name}': task '{self.name}' has no '{method.teacher.kind}' teachers "
+                    "(methods[].teacher); use the recipe's teacher"
+                )
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         raise NotImplementedError
@@ -112,6 +131,23 @@ class Task:
 
     def latency(self, recipe: Recipe, setup: TaskSetup, student: nn.Module) -> dict[str, float]:
         return {}
+
+    def peer_model(self, recipe: Recipe, spec: ModelSpec, setup: TaskSetup) -> nn.Module:
+        """A freshly initialised model from `spec` for this task's data (an online teacher's peer)."""
+        raise UserError(f"task '{self.name}' has no online teachers (methods[].teacher.kind: online)")
+
+    def member_teacher(
+        self,
+        recipe: Recipe,
+        spec: TeacherSpec,
+        setup: TaskSetup,
+        folder: RunFolder,
+        *,
+        progress: bool,
+        run_name: str,
+    ) -> tuple[nn.Module, TeacherInfo]:
+        """One member of an ensemble: loaded, from the teacher cache, or trained in `folder / run_name`."""
+        raise UserError(f"task '{self.name}' has no teacher ensembles (methods[].teacher.kind: ensemble)")
 
     def result_extra(self, setup: TaskSetup) -> dict[str, Any]:
         return dict(setup.extra)

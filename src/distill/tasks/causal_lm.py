@@ -287,11 +287,23 @@ class CausalLMTask(Task):
         return recipe.data.name in LM_DATA_SETS or recipe.student.name in LM_MODELS
 
     def check(self, recipe: Recipe) -> None:
-        """Student and teacher must be causal LMs; every source is allowed (the schema validated their
-        parameters)."""
+        """Student and teacher must be causal LMs; every source but the image-mixing ones is allowed (the
+        schema validated their parameters); no method's teacher regime (those need a classifier's peer)."""
         for spec, role in ((recipe.student, "student"), (recipe.teacher, "teacher")):
             refuse_other_models(spec, role)
             refuse_other_folders(spec, role)
+        for method in recipe.method_list():
+            source = method.source or recipe.source
+            if source.name in ("mixup", "cutmix"):
+                raise UserError(
+                    f"method '{method.name}': source '{source.name}' mixes images; a language model's token "
+                    "ids cannot be mixed"
+                )
+            if method.teacher is not None:
+                raise UserError(
+                    f"method '{method.name}': teacher kind '{method.teacher.kind}' is not available for "
+                    "language models yet; use the recipe's teacher"
+                )
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         lm = prepare_lm_run(recipe, folder, progress=progress, console=console)

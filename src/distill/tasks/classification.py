@@ -16,9 +16,9 @@ from distill.errors import UserError
 from distill.io import cache_root, fingerprint
 from distill.metrics import latency_per_batch
 from distill.models import build_model, count_parameters
-from distill.recipe.schema import ModelSpec, Recipe, TeacherSpec
+from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, TeacherSpec
 from distill.runfolder import RunFolder
-from distill.tasks.base import TASKS, Task, TaskSetup
+from distill.tasks.base import TASKS, MethodPlan, Task, TaskSetup
 from distill.tasks.feature_layers import check_feature_layers, reads_features
 from distill.tasks.results import ExperimentResult, TeacherInfo
 from distill.tasks.teacher_cache import (
@@ -71,9 +71,10 @@ def check_labels(data: DataSplits) -> None:
 
 
 def obtain_teacher(
-    recipe: Recipe, data: DataSplits, folder: RunFolder, progress: bool
+    recipe: Recipe, data: DataSplits, folder: RunFolder, progress: bool, run_name: str = "teacher"
 ) -> tuple[nn.Module, TeacherInfo]:
-    """The teacher from its checkpoint, from the run cache, or trained now (and cached)."""
+    """The teacher from its checkpoint, from the run cache, or trained now (and cached) in the run folder's
+    `run_name`."""
     spec: TeacherSpec = recipe.teacher  # type: ignore[assignment]
     seed_everything(spec.train.seed)
     teacher = build_recipe_model(spec, data, "teacher")
@@ -99,12 +100,15 @@ def obtain_teacher(
         load=lambda model, weights: load_weights(model, weights, "teacher"),
         eval_data=data.test,
         eval_batch_size=recipe.data.eval_batch_size,
+        run_name=run_name,
     )
     return teacher, info
 
 
 class ClassificationTask(Task):
     name = "classification"
+    teacher_kinds = ("ensemble", "online", "ema", "self")
+    batch_sources: tuple[str, ...] = ("mixup", "cutmix")  # sources that mix batches (Task.check)
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         data = build_data(recipe.data.name, **recipe.data.params)
@@ -140,6 +144,19 @@ class ClassificationTask(Task):
     def build_student(self, recipe: Recipe, setup: TaskSetup) -> nn.Module:
         return build_recipe_model(recipe.student, setup.data, "student")
 
+    def plan_method(
+        self, recipe: Recipe, method: MethodSpec, setup: TaskSetup, folder: RunFolder
+    ) -> MethodPlan:
+        """The data set as it is, or with a mixup / cutmix source each seed's batches mixed (S37,
+        `distill.sources.mixup`): the student and the teacher see the mixed inputs, the labels become the
+        mixed class distributions."""
+        plan = super().plan_method(recipe, method, setup, folder)
+        if (method.source or recipe.source).name not in self.batch_sources:
+            return plan
+        from distill.tasks.mixing import mixing_plan
+
+        return mixing_plan(plan, recipe, method, setup)
+
     def cache_source(
         self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console
     ) -> CacheSource:
@@ -158,6 +175,24 @@ class ClassificationTask(Task):
         if setup.bare_teacher is not None:
             latency["teacher"] = latency_per_batch(setup.bare_teacher.cpu(), example)
         return latency
+
+    def peer_model(self, recipe: Recipe, spec: ModelSpec, setup: TaskSetup) -> nn.Module:
+        return build_recipe_model(spec, setup.data, "peer")
+
+    def member_teacher(
+        self,
+        recipe: Recipe,
+        spec: TeacherSpec,
+        setup: TaskSetup,
+        folder: RunFolder,
+        *,
+        progress: bool,
+        run_name: str,
+    ) -> tuple[nn.Module, TeacherInfo]:
+        if spec.name is None:
+            raise UserError("an ensemble member needs a model (name); a teacher cache cannot be a member")
+        member = recipe.model_copy(update={"teacher": spec})
+        return obtain_teacher(member, setup.data, folder, progress, run_name=run_name)
 
     def write_report(self, result: ExperimentResult) -> Path:
         from distill.tasks.classification_report import write_classification_report

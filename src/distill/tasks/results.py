@@ -15,6 +15,7 @@ class SeedRun:
     seed: int
     result: FitResult
     wall_seconds: float = 0.0  # the whole fit call: training, evaluation, checkpoints
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. self-distillation's generations
 
 
 @dataclass
@@ -22,6 +23,7 @@ class MethodRuns:
     name: str
     objectives: list[dict[str, Any]]
     runs: list[SeedRun] = field(default_factory=list)
+    teacher: Any = None  # the method's own teacher when its regime made one (`distill.tasks.regimes`)
 
 
 @dataclass

@@ -102,11 +102,13 @@ def fit_or_load_teacher(
     progress: bool,
     *,
     load: Callable[[nn.Module, Path], None],
+    run_name: str = "teacher",
     **evaluation: Any,
 ) -> TeacherInfo:
     """Load the teacher's weights from the run cache folder `cached` (when the recipe caches and the
     checksum holds) or train it with cross-entropy and cache it. `evaluation`: `fit` settings for its
-    evaluation (an evaluation set, or a language model's evaluator)."""
+    evaluation (an evaluation set, or a language model's evaluator). It trains in the run folder's
+    `run_name` (each member of an ensemble in its own)."""
     spec: TeacherSpec = recipe.teacher  # type: ignore[assignment]
     hit = _teacher_cache_entry(cached) if spec.train.cache else None
     if isinstance(hit, str):  # a damaged entry: set aside (never used, never deleted), the teacher retrained
@@ -132,14 +134,14 @@ def fit_or_load_teacher(
         schedule=schedule_config(
             spec.train.schedule, steps_per_epoch(len(train_set), batch, 1, world_size())
         ),
-        run_dir=folder.path / "teacher",
+        run_dir=folder.path / run_name,
         epochs=spec.train.epochs,
         batch_size=batch,
         seed=spec.train.seed,
         progress=progress,
         tensorboard=False,
         device=recipe.trainer.device,
-        label="teacher",
+        label=run_name,
         **evaluation,
     )
     info = TeacherInfo(

@@ -59,6 +59,7 @@ def check_reads_tokens(model: nn.Module, data: TextClassificationData, role: str
 
 class TextClassificationTask(ClassificationTask):
     name = "text_classification"
+    batch_sources = ()  # mixup / cutmix refused (Task.check): token ids cannot be mixed
 
     def claims(self, recipe: Recipe) -> bool:
         return recipe.data.name in TEXT_DATASETS

@@ -45,6 +45,7 @@ class Teacher:
     """The interface. Subclasses implement `outputs`; the rest has safe defaults for a frozen teacher."""
 
     trainable: bool = False  # True only for a co-trained teacher (its parameters join the optimizer)
+    static: bool = True  # its predictions never change during training (False: EMA, co-trained)
     kind: str = "teacher"
 
     def attach(

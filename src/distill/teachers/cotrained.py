@@ -28,6 +28,7 @@ from distill.teachers.base import Teacher, TeacherOutputs, TeacherRequest
 class CoTrainedTeacher(Teacher):
     kind = "co-trained"
     trainable = True
+    static = False
 
     def __init__(
         self,

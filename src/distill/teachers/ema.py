@@ -15,6 +15,7 @@ from distill.teachers.frozen import FrozenTeacher
 
 class EMATeacher(FrozenTeacher):
     kind = "ema"
+    static = False
 
     def __init__(self, student: nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay < 1.0:

@@ -228,7 +228,7 @@ class Trainer:
             return self.evaluator(self.accelerator.unwrap_model(self.student), teacher)
         if self.eval_loader is None:
             return {}
-        if teacher is not None and self.teacher is not None and not self.teacher.trainable:
+        if teacher is not None and self.teacher is not None and self.teacher.static:
             if self._teacher_eval_logits is None:  # a frozen teacher's predictions never change
                 self._teacher_eval_logits, _ = predict(teacher, self.eval_loader, self.accelerator)
         elif teacher is not None:
