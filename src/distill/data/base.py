@@ -13,6 +13,8 @@ from distill.data.paths import data_root
 from distill.errors import UserError
 from distill.registry import Registry
 
+IGNORE_LABEL = -100  # an example whose label is hidden (semi-supervised): cross-entropy skips it
+
 
 @dataclass
 class DataSplits:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from distill.data.base import DATASETS, DataSplits
+from distill.data.base import DATASETS, IGNORE_LABEL, DataSplits
 from distill.errors import UserError
 
 # ----------------------------------------------------------------------------------------- augmentation
@@ -117,12 +117,17 @@ class ImageTensorDataset(Dataset):
         return list(zip(x.unbind(0), y.unbind(0), strict=True))
 
     def subset(
-        self, indices: Sequence[int] | np.ndarray, *, augment: bool | None = None
+        self,
+        indices: Sequence[int] | np.ndarray,
+        *,
+        augment: bool | None = None,
+        labels: Tensor | None = None,
     ) -> ImageTensorDataset:
+        """The examples at `indices` (with `labels` in place of theirs, when given)."""
         index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ImageTensorDataset(
             self.images[index],
-            self.labels[index],
+            self.labels[index] if labels is None else labels,
             self.mean.flatten().tolist(),
             self.std.flatten().tolist(),
             augment=self.augment if augment is None else augment,
@@ -131,6 +136,20 @@ class ImageTensorDataset(Dataset):
             generator=self.generator,
             classes=self.classes,
         )
+
+
+def hide_labels(labels: Tensor, labelled: np.ndarray) -> Tensor:
+    """Semi-supervised training (`unlabelled: true`): every example of the split, the labels of all but
+    `labelled` replaced by IGNORE_LABEL (-100), which cross-entropy skips and distillation terms ignore."""
+    hidden = torch.full_like(labels.long(), IGNORE_LABEL)
+    index = torch.as_tensor(labelled, dtype=torch.long)
+    hidden[index] = labels.long()[index]
+    return hidden
+
+
+def refuse_unlabelled_without_labelled(unlabelled: bool) -> None:
+    if unlabelled:
+        raise UserError("data: unlabelled: true needs labelled_per_class (which examples keep their labels)")
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -220,6 +239,7 @@ class SplitOptions:
     train_per_class: int | None = None
     test_per_class: int | None = None
     labelled_per_class: int | None = None
+    unlabelled: bool = False
     augment: bool = False
     padding: int = 4
     flip: bool = True
@@ -288,11 +308,18 @@ def image_splits(
         description += f", augmented (crop, padding {padding}{', flip' if flip else ''})"
     per_class = options.labelled_per_class
     if per_class is None:
+        refuse_unlabelled_without_labelled(options.unlabelled)
         return DataSplits(full_train, test_set, num_classes, shape, description=description)
     subset = per_class_subset(train.labels.numpy(), per_class, options.split_seed, "labelled_per_class")
     description += f"; the student sees {len(subset)} labelled images ({per_class} per class)"
+    if options.unlabelled:
+        hidden = hide_labels(train.labels, subset)
+        description += f" and {len(hidden) - len(subset)} unlabelled ones"
+        student_train = full_train.subset(np.arange(len(hidden)), labels=hidden)
+    else:
+        student_train = full_train.subset(subset)
     return DataSplits(
-        full_train.subset(subset),
+        student_train,
         test_set,
         num_classes,
         shape,

@@ -183,6 +183,16 @@ class FusedDivergence:
     times_t_squared: bool = False
 
 
+def _counted_labels(labels: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Rows whose label is hidden (-100, a semi-supervised split) do not count for a term that reads labels;
+    their label is replaced by 0 so that indexing stays valid."""
+    hidden = labels == -100
+    if not bool(hidden.any()):
+        return labels, mask
+    counted = ~hidden if mask is None else mask & ~hidden
+    return labels.masked_fill(hidden, 0), counted
+
+
 class LogitObjective(Objective):
     """Wraps a pure loss `fn(student_logits, teacher_logits, *, mask, [labels], **params)`."""
 
@@ -256,7 +266,8 @@ class LogitObjective(Objective):
                 raise UserError(f"objective '{self.loss_name}' needs labels, but the data has none")
             if outputs.labels.is_floating_point():  # a mixup / cutmix source's (N, C) mixed labels
                 raise UserError(f"objective '{self.loss_name}' needs class indices, not soft (mixed) labels")
-            extra["labels"] = outputs.labels
+            extra["labels"], mask = _counted_labels(outputs.labels, outputs.mask)
+            return self.fn(outputs.student_logits, outputs.teacher_logits, mask=mask, **extra, **self.params)
         return self.fn(
             outputs.student_logits, outputs.teacher_logits, mask=outputs.mask, **extra, **self.params
         )

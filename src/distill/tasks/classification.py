@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from distill.cache.indexed import IndexedDataset
 from distill.data import DataSplits, build_data
+from distill.data.base import IGNORE_LABEL
 from distill.errors import UserError
 from distill.io import cache_root, fingerprint
 from distill.metrics import latency_per_batch
@@ -61,6 +62,10 @@ def check_labels(data: DataSplits) -> None:
         labels = tensors[1] if len(tensors) > 1 else getattr(dataset, "labels", None)
         if not isinstance(labels, torch.Tensor) or labels.numel() == 0 or labels.is_floating_point():
             continue
+        if split == "train":  # hidden labels of a semi-supervised training split
+            labels = labels[labels != IGNORE_LABEL]
+            if labels.numel() == 0:
+                raise UserError("data: every label of the training split is hidden (-100)")
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= data.num_classes:
             bad = low if low < 0 else high
