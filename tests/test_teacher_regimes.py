@@ -222,3 +222,24 @@ def test_a_task_without_regimes_refuses_them_before_anything_trains(tmp_path: Pa
     parsed = recipe_from_dict(recipe(tmp_path, [{"name": "m", "teacher": {"kind": "ema"}, "objectives": KD}]))
     with pytest.raises(UserError, match="task 'task' has no 'ema' teachers"):
         Task().check(parsed)
+
+
+def test_the_report_shows_each_ensemble_and_each_generation(tmp_path: Path) -> None:
+    import json
+
+    from distill.report import write_report
+
+    methods = [
+        {"name": "ensemble", "teacher": {"kind": "ensemble", "seeds": [0, 1]}, "objectives": KD},
+        {"name": "self", "teacher": {"kind": "self", "generations": 2, "alpha": 0.5}, "objectives": KD},
+    ]
+    result = run(tmp_path / "run", methods, seeds=[0, 1])
+    text = write_report(result).read_text()
+    assert "- ensemble (teacher: ensemble of 2):" in text and "Teacher of ensemble (test split):" in text
+    assert "| mlp seed 1 |" in text and "| ensemble |" in text
+    assert "Generations of self (mean ± std over seeds):" in text
+    assert "| 1 | labels only |" in text and "| 2 | 0.500 ± 0.000 |" in text
+    document = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    by_name = {m["name"]: m for m in document["methods"]}
+    assert len(by_name["ensemble"]["ensemble"]["members"]) == 2
+    assert [g["alpha"] for g in by_name["self"]["generations"][0]] == [None, 0.5]

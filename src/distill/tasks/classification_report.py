@@ -9,6 +9,7 @@ from rich.console import Console
 
 from distill.io import atomic_write_json, atomic_write_text
 from distill.tables import markdown_table, objective_text, pm, rich_table
+from distill.tasks.regime_report import regime_sections, regime_text
 from distill.tasks.report_common import (
     MethodSummary,
     gain_lines,
@@ -127,9 +128,10 @@ def write_classification_report(result: ExperimentResult, *, f1: bool = False) -
         + _gain_sentence(result, f1)
         + "\nObjectives per method:\n\n"
         + "".join(
-            f"- {m.name}: " + ", ".join(objective_text(o) for o in m.objectives) + "\n"
+            f"- {m.name}{regime_text(m)}: " + ", ".join(objective_text(o) for o in m.objectives) + "\n"
             for m in result.methods
         )
+        + regime_sections(result)
         + (f"\n![learning curves]({plot.name})\n" if plot else "")
     )
     atomic_write_text(out / "report.md", text)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.tables import gain_and_spread, mean_std, noise_verdict
+from distill.tasks.regime_report import regime_document
 from distill.tasks.results import ExperimentResult, MethodRuns, TeacherInfo
 
 
@@ -155,6 +156,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
                     for key, values in vars(MethodSummary.of(m)).items()
                     if key != "name"
                 },
+                **regime_document(m),
                 "seeds": [
                     {
                         "seed": r.seed,
