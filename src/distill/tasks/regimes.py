@@ -17,10 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distill.errors import UserError
-from distill.heads import call_model
 from distill.io import fingerprint
 from distill.metrics import classification_metrics
-from distill.models.adapters import logits_of
 from distill.objectives import OBJECTIVES
 from distill.objectives.terms import Term
 from distill.recipe.schema import (
@@ -36,7 +34,7 @@ from distill.runfolder import RunFolder
 from distill.tasks.base import Task, TaskSetup
 from distill.tasks.results import TeacherInfo
 from distill.teachers import CoTrainedTeacher, EMATeacher, Ensemble, FrozenTeacher, Teacher
-from distill.train.batches import split_batch
+from distill.train.batches import predict
 
 
 @dataclass
@@ -51,20 +49,9 @@ class EnsembleInfo:
 @torch.no_grad()
 def model_logits(model: nn.Module, data: Dataset, batch_size: int) -> tuple[Tensor, Tensor]:
     """A model's float32 logits (CPU) and the labels over a whole data set, in order, in eval mode."""
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        inputs, y, _ = split_batch(batch)
-        inputs = (
-            {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
-        )
-        logits.append(logits_of(call_model(model, inputs)).float().cpu())
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    return predict(
+        model, DataLoader(data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None))
+    )
 
 
 def ensemble_members(recipe: Recipe, spec: EnsembleTeacherSpec) -> list[tuple[str, TeacherSpec]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -64,19 +65,22 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None, Tensor | None]:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[Tensor, Tensor]:
-    """A model's float32 logits (on the CPU) and the labels over a whole evaluation loader, in eval mode."""
+def predict(
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator | None = None
+) -> tuple[Tensor, Tensor]:
+    """A model's float32 logits (on the CPU) and the labels over a whole evaluation loader, in eval mode; on
+    the accelerator's device under its autocast, or (none given) on the model's own device."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    autocast = accelerator.autocast if accelerator is not None else nullcontext
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for batch in loader:
         inputs, y, _ = split_batch(batch)
         inputs = (
-            {k: v.to(accelerator.device) for k, v in inputs.items()}
-            if isinstance(inputs, dict)
-            else (inputs.to(accelerator.device))
+            {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
         )
-        with accelerator.autocast():
+        with autocast():
             logits.append(logits_of(call_model(model, inputs)).float().cpu())
         labels.append(y)
     model.train(was_training)
