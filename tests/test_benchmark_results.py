@@ -91,6 +91,8 @@ REFUSED = [
     ("text", ["--quick"]),
     ("text", ["--seeds", "1"]),
     ("text", ["--recipes", "bench_text_sms_spam"]),
+    ("mixup", ["--quick"]),
+    ("mixup", ["--seeds", "1"]),
 ]
 
 
