@@ -31,6 +31,8 @@ ENCODER_ONLY |= {"attribution_guidance"}
 ENCODER_PARAMS = {"minilm_attention": {"relation_heads": 2}, "minilm_relations": {"relation_heads": 2}}
 ENCODER_PARAMS |= {"tinybert_attention": {"relation_heads": 2}}
 MASK_TAP = "token_mask"
+# Objectives that read a dual_head student's two heads and the teacher's logits (S06 DHO).
+DUAL_HEAD = {"dho"}
 
 
 def tiny_encoder(hidden: int, layers: int) -> torch.nn.Module:
@@ -46,6 +48,9 @@ def models_for(name: str) -> tuple[torch.nn.Module, torch.nn.Module, Tensor]:
         ids[1:, 4:] = 0  # padded texts
         return tiny_encoder(16, 2), tiny_encoder(24, 4), ids
     student = build_model("small_cnn", num_classes=3, input_shape=(1, 8, 8), channels=[4, 8, 8])
+    if name in DUAL_HEAD:  # the same network with a second head
+        base = {"name": "small_cnn", "params": {"channels": [4, 8, 8]}}
+        student = build_model("dual_head", num_classes=3, input_shape=(1, 8, 8), base=base)
     channels = [4, 8, 8] if name == "fsp" else [6, 12, 12]  # FSP compares flows of equal widths
     teacher = build_model("small_cnn", num_classes=3, input_shape=(1, 8, 8), channels=channels)
     return student, teacher, torch.randn(BATCH, 1, 8, 8)
@@ -107,8 +112,12 @@ def test_feature_objective_stays_finite(name: str) -> None:
             teacher_features = {
                 p: t.to(dtype) for p, t in zip(objective.teacher_layers, teachers, strict=True)
             }
+            logits = features([torch.Size([BATCH, 3])], scenario, 3)[0].to(dtype)
+            labels = torch.tensor([0, -100, 2, 1])  # one hidden label (semi-supervised)
             step = StepOutputs(
                 torch.zeros(BATCH, 3),
+                teacher_logits=logits if name in DUAL_HEAD else None,
+                labels=labels if name in DUAL_HEAD else None,
                 student_features={**student_features, **masks},  # padding masks stay masks
                 teacher_features={**teacher_features, **masks},
                 index=torch.arange(BATCH),
