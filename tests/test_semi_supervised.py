@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_helpers import require_data
 from distill.data import build_data
 from distill.errors import UserError
 from distill.objectives import StepOutputs, build_objective
 from distill.tasks.classification import check_labels
-from tests.data_helpers import require_data
 
 
 def test_digits_keep_every_image_and_hide_all_but_the_labelled_ones() -> None:

@@ -125,6 +125,13 @@ PUBLISHED: dict[str, Setting] = {
         "BD-KD replaces KD's KL: the KD protocol (0.1 CE + 0.9 x T^2 x divergence, T 4), balance 3",
         "bdkd",
     ),
+    "tgeo_kd": Setting(
+        "TGeo-KD",
+        (Term("tgeo_kd", 1.0, {"temperature": 4.0}),),
+        "S08: one term holds both CE and KD, fused per sample by the learned ratio; T 4 as the KD protocol "
+        "(docs/tgeo.md: the paper's constants could not be read)",
+        "tgeo_kd",
+    ),
     "taid": Setting(
         "TAID",
         (Term("cross_entropy", 0.1), Term("taid", 0.9, {"temperature": 1.0})),

@@ -93,6 +93,19 @@ class Objective(nn.Module):
     def after_step(self, progress: Progress, loss: float) -> None:
         """Called once per optimizer step with the term's value; adaptive schedules update here."""
 
+    def hold_out(self, data: Any, seed: int) -> Any:
+        """Called once as training starts, before the training loader is built, with the training set and
+        the trainer's seed. An objective that learns its own parameters on held-out data (bilevel, e.g.
+        TGeo-KD's ratio network) keeps a part here and returns the rest, which the student trains on.
+        Default: `data` unchanged."""
+        return data
+
+    def after_optimizer_step(self, student: nn.Module, inputs: Any, progress: Progress, lr: float) -> None:
+        """Called after each optimizer step taken, with the unwrapped student (its weights just updated), the
+        inputs of the last micro-batch `forward` saw, where training stood and the learning rate of the next
+        step. Objectives whose parameters learn outside the student's optimizer (on what `hold_out` kept)
+        update them here."""
+
 
 def check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], reserved: set[str]) -> None:
     """Refuse parameters the loss function does not take, naming the nearest valid one."""

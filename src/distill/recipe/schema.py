@@ -58,6 +58,9 @@ SOURCES = {
     "mixsd": "targets decoded once from the base model's expert / naive mixture (objective cross_entropy)",
     "mixup": "each batch mixed, lam x_i + (1 - lam) x_j and labels alike, teacher fed the mix (S37; images)",
     "cutmix": "a box of x_j pasted into x_i, labels mixed by area, teacher fed the mix (S37; images)",
+    "llkd": "unlabelled rows kept per batch where the teacher is confident and the student uncertain (S05)",
+    "random_subset": "a fixed random share of the unlabelled rows, the labelled ones kept (LLKD's baseline)",
+    "kd3": "transfer rows kept per batch where the teacher-student combined prediction is confident (S35)",
 }
 
 
@@ -154,6 +157,7 @@ TEACHER_KINDS = {
     "online": "a peer trained beside the student, each learning from the other (DML, online BD-KD)",
     "ema": "the student's exponential moving average (mean teacher)",
     "self": "iterative self-distillation: each generation learns from the last and the labels (S22)",
+    "mixture": "MST-Distill: masked members as specialised teachers, one routed per sample by a gate (S25)",
 }
 
 
@@ -245,8 +249,73 @@ class SelfTeacherSpec(Section):
     )
 
 
+class MixtureTeacherSpec(Section):
+    """MST-Distill (S25, `distill.teachers.mixture`; docs/mst_distill.md): each member (trained and cached
+    like the recipe's teacher) with a learned mask on one of its layers is a specialised teacher; a gate on
+    the student's logits picks the top `k` of them per sample. The student first learns from the members'
+    mean for `warmup_epochs`; then the masks fit the student's outputs for `mask_epochs` (the student and the
+    members frozen) and stay fixed; then the gate routes. Defaults: the official code
+    (github.com/Gray-OREO/MST-Distill, main-MST-Distill.py, KD_methods/MST.py)."""
+
+    kind: Literal["mixture"] = Field(description=TEACHER_KINDS["mixture"])
+    members: list[TeacherSpec] = Field(
+        min_length=2, description="the teachers (cross-modal and multimodal), each a full teacher spec"
+    )
+    layers: list[list[str]] | None = Field(
+        default=None,
+        description="per member, the modules whose outputs are masked, one specialised teacher each; None: "
+        "each member's last `mask_layers` feature taps",
+    )
+    mask_layers: int = Field(
+        default=2, ge=1, le=8, description="masked layers per member when `layers` is None"
+    )
+    k: int = Field(default=1, ge=1, description="specialised teachers the student learns from per sample")
+    temperature: PositiveFloat = Field(default=4.0, description="of the masks' loss and the routed mixture")
+    heads: int = Field(default=3, ge=1, le=64, description="attention heads of each mask network")
+    hidden_factor: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="a mask network's width is features // (hidden_factor x heads) x heads",
+    )
+    balance: Literal["kl", "cv"] = Field(
+        default="kl",
+        description="the gate's load-balancing loss: KL to uniform use, or coefficient of variation",
+    )
+    balance_weight: float = Field(default=1.0, ge=0.0, description="its weight")
+    balance_decay: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="its weight's factor every 10 epochs of routing"
+    )
+    warmup_epochs: int = Field(
+        default=1, ge=0, description="epochs the student learns from the members' mean before the masks fit"
+    )
+    mask_epochs: int = Field(
+        default=1, ge=1, le=20, description="passes over the training set fitting the masks"
+    )
+    mask_lr: PositiveFloat = Field(default=1e-4, le=MAX_LR, description="the masks' Adam learning rate")
+    lr: PositiveFloat | None = Field(default=None, le=MAX_LR, description="the gate's; None: the student's")
+    weight_decay: float | None = Field(
+        default=None, ge=0.0, le=MAX_WEIGHT_DECAY, description="the gate's; None: the student's"
+    )
+
+    @model_validator(mode="after")
+    def _experts(self) -> MixtureTeacherSpec:
+        if self.layers is not None:
+            if len(self.layers) != len(self.members) or not all(self.layers):
+                raise ValueError(f"layers: give a non-empty list per member ({len(self.members)})")
+            experts = sum(len(paths) for paths in self.layers)
+        else:
+            experts = len(self.members) * self.mask_layers
+        if self.k > experts:
+            raise ValueError(
+                f"k is {self.k}, but there are {experts} specialised teachers (members x layers)"
+            )
+        return self
+
+
 TeacherRegime = Annotated[
-    EnsembleTeacherSpec | OnlineTeacherSpec | EMATeacherSpec | SelfTeacherSpec, Field(discriminator="kind")
+    EnsembleTeacherSpec | OnlineTeacherSpec | EMATeacherSpec | SelfTeacherSpec | MixtureTeacherSpec,
+    Field(discriminator="kind"),
 ]
 
 
@@ -275,10 +344,27 @@ class SourceSpec(Section):
     lambda, sampling settings, `length_curriculum`), `opsd`, `soda`, `mixsd`. Batch sources (image and
     feature classification; `distill.sources.mixup`, S37): `mixup` and `cutmix`, params `alpha` (lam ~
     Beta(alpha, alpha), > 0, default 1.0), `probability` (of mixing a batch, 0..1, default 1.0) and
-    `per_sample` (lam per row, default false); labels become mixed class distributions."""
+    `per_sample` (lam per row, default false); labels become mixed class distributions. Selection sources
+    (classification with `unlabelled: true` data; `distill.sources.selection`, S05): `llkd` keeps the
+    unlabelled rows where the teacher is confident and the student uncertain, params `momentum` (of the
+    adaptive thresholds, [0, 1), default 0.999), `class_thresholds` (default true) and `pseudo_labels`
+    (default true); `random_subset` keeps a random `fraction` (0..1] of them, drawn by `seed` (default: the
+    run seed). `kd3` (classification; `distill.sources.kd3`, S35) keeps per batch the rows whose combined
+    teacher-student prediction reaches `threshold` (default 0.5), the student's share growing to
+    `student_share` (default 0.5); `pseudo_labels` (default true) labels them with its argmax."""
 
     name: Literal[
-        "dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd", "mixup", "cutmix"
+        "dataset",
+        "teacher_generations",
+        "student_rollouts",
+        "opsd",
+        "soda",
+        "mixsd",
+        "mixup",
+        "cutmix",
+        "llkd",
+        "random_subset",
+        "kd3",
     ] = Field(default="dataset", description="where the training inputs come from (`SOURCES`)")
     params: dict[str, Any] = Field(default_factory=dict, description="the source's settings")
 
@@ -314,6 +400,30 @@ class SourceSpec(Section):
             try:
                 check_param_values(MixSettings, self.params, f"{where}: params")
                 from_params(MixSettings, self.params, where)
+            except UserError as err:  # pydantic adds where in the recipe
+                raise ValueError(str(err)) from None
+        elif self.name in ("llkd", "random_subset"):
+            from distill.errors import UserError
+            from distill.recipe.check import check_param_values
+            from distill.sources.selection import LLKDSettings, SubsetSettings
+            from distill.sources.settings import from_params
+
+            kind = LLKDSettings if self.name == "llkd" else SubsetSettings
+            where = f"source '{self.name}'"
+            try:
+                check_param_values(kind, self.params, f"{where}: params")
+                from_params(kind, self.params, where)
+            except UserError as err:  # pydantic adds where in the recipe
+                raise ValueError(str(err)) from None
+        elif self.name == "kd3":
+            from distill.errors import UserError
+            from distill.recipe.check import check_param_values
+            from distill.sources.kd3 import KD3Settings
+            from distill.sources.settings import from_params
+
+            try:
+                check_param_values(KD3Settings, self.params, "source 'kd3': params")
+                from_params(KD3Settings, self.params, "source 'kd3'")
             except UserError as err:  # pydantic adds where in the recipe
                 raise ValueError(str(err)) from None
         elif self.name not in ("dataset", "teacher_generations"):
@@ -610,4 +720,5 @@ TeacherTraining.model_rebuild()
 TeacherSpec.model_rebuild()
 OnlineTeacherSpec.model_rebuild()
 EnsembleTeacherSpec.model_rebuild()
+MixtureTeacherSpec.model_rebuild()
 MethodSpec.model_rebuild()

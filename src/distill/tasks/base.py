@@ -79,7 +79,20 @@ class Task:
         sources = {m.source.name for m in recipe.method_list() if m.source is not None} | {recipe.source.name}
         # A task that can mix its input tensors (image / feature classification) names the batch sources it
         # takes (`batch_sources`: mixup, cutmix; `distill.sources.mixup`).
-        other = sorted(sources - {"dataset", *getattr(self, "batch_sources", ())})
+        other = sorted(
+            sources
+            - {"dataset", *getattr(self, "batch_sources", ()), *getattr(self, "selection_sources", ())}
+        )
+        if other and other[0] in ("llkd", "random_subset"):  # `distill.sources.selection` (S05)
+            raise UserError(
+                f"source '{other[0]}' selects unlabelled rows of a classification data set; task "
+                f"'{self.name}' has no such rows (task: classification, data.params.unlabelled: true)"
+            )
+        if other and other[0] == "kd3":  # `distill.sources.kd3` (S35)
+            raise UserError(
+                f"source 'kd3' selects rows of a classification transfer set by the teacher's and the "
+                f"student's class predictions; task '{self.name}' has none (task: classification)"
+            )
         if other and other[0] in ("mixup", "cutmix"):
             raise UserError(
                 f"source '{other[0]}' mixes input images or feature vectors; task '{self.name}' cannot mix "
@@ -96,6 +109,14 @@ class Task:
                 from distill.tasks.mixing import check_mixing_method
 
                 check_mixing_method(recipe, method, f"method '{method.name}': source '{source.name}'")
+            if source.name in ("llkd", "random_subset"):
+                from distill.tasks.selection import check_selection_method
+
+                check_selection_method(recipe, method, f"method '{method.name}': source '{source.name}'")
+            if source.name == "kd3":
+                from distill.tasks.kd3 import check_kd3_method
+
+                check_kd3_method(recipe, method, f"method '{method.name}': source 'kd3'")
             if method.teacher is not None and method.teacher.kind not in self.teacher_kinds:
                 raise UserError(
                     f"method '{method.name}': task '{self.name}' has no '{method.teacher.kind}' teachers "

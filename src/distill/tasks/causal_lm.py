@@ -175,6 +175,10 @@ def obtain_lm_teacher(
     return teacher, info
 
 
+# The sources a language-model recipe takes; the others (mixup, cutmix, sample selection) serve classifiers.
+LM_SOURCES = ("dataset", "teacher_generations", "student_rollouts", "opsd", "soda", "mixsd")
+
+
 def _source_data(
     source: SourceSpec,
     data: LMData,
@@ -287,17 +291,17 @@ class CausalLMTask(Task):
         return recipe.data.name in LM_DATA_SETS or recipe.student.name in LM_MODELS
 
     def check(self, recipe: Recipe) -> None:
-        """Student and teacher must be causal LMs; every source but the image-mixing ones is allowed (the
-        schema validated their parameters); no method's teacher regime (those need a classifier's peer)."""
+        """Student and teacher must be causal LMs; the language-model sources only (`LM_SOURCES`; the schema
+        validated their parameters); no method's teacher regime (those need a classifier's peer)."""
         for spec, role in ((recipe.student, "student"), (recipe.teacher, "teacher")):
             refuse_other_models(spec, role)
             refuse_other_folders(spec, role)
         for method in recipe.method_list():
             source = method.source or recipe.source
-            if source.name in ("mixup", "cutmix"):
+            if source.name not in LM_SOURCES:
                 raise UserError(
-                    f"method '{method.name}': source '{source.name}' mixes images; a language model's token "
-                    "ids cannot be mixed"
+                    f"method '{method.name}': source '{source.name}' serves classifiers; a language model "
+                    f"takes {', '.join(LM_SOURCES)}"
                 )
             if method.teacher is not None:
                 raise UserError(

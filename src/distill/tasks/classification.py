@@ -112,8 +112,10 @@ def obtain_teacher(
 
 class ClassificationTask(Task):
     name = "classification"
-    teacher_kinds = ("ensemble", "online", "ema", "self")
+    teacher_kinds = ("ensemble", "online", "ema", "self", "mixture")
     batch_sources: tuple[str, ...] = ("mixup", "cutmix")  # sources that mix batches (Task.check)
+    # sources that select rows (Task.check)
+    selection_sources: tuple[str, ...] = ("llkd", "random_subset", "kd3")
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         data = build_data(recipe.data.name, **recipe.data.params)
@@ -154,9 +156,21 @@ class ClassificationTask(Task):
     ) -> MethodPlan:
         """The data set as it is, or with a mixup / cutmix source each seed's batches mixed (S37,
         `distill.sources.mixup`): the student and the teacher see the mixed inputs, the labels become the
-        mixed class distributions."""
+        mixed class distributions. With an llkd / random_subset source (S05, `distill.sources.selection`)
+        the student trains on the unlabelled rows LLKD selects per batch, or on a random share of them. With a
+        kd3 source (S35, `distill.sources.kd3`) it trains on the transfer rows KD^3's combined teacher-student
+        prediction keeps per batch."""
         plan = super().plan_method(recipe, method, setup, folder)
-        if (method.source or recipe.source).name not in self.batch_sources:
+        source = (method.source or recipe.source).name
+        if source == "kd3":
+            from distill.tasks.kd3 import kd3_plan
+
+            return kd3_plan(plan, recipe, method, setup)
+        if source in self.selection_sources:
+            from distill.tasks.selection import selection_plan
+
+            return selection_plan(plan, recipe, method, setup)
+        if source not in self.batch_sources:
             return plan
         from distill.tasks.mixing import mixing_plan
 

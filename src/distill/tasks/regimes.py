@@ -1,6 +1,7 @@
 """A method's teacher regime (`methods[].teacher`, `distill.recipe.schema.TEACHER_KINDS`): the recipe's
 teacher as it is (no `teacher` section), an ensemble of teachers, a peer trained beside the student, the
-student's moving average, or the generations of iterative self-distillation (S22).
+student's moving average, the generations of iterative self-distillation (S22), or a mixture of masked
+members routed per sample (S25, MST-Distill).
 
 The runner asks this module for each seed's teacher; the task supplies what depends on its data (a peer
 model, an ensemble member trained and cached like the recipe's teacher), so every task that implements
@@ -25,6 +26,7 @@ from distill.recipe.schema import (
     EMATeacherSpec,
     EnsembleTeacherSpec,
     MethodSpec,
+    MixtureTeacherSpec,
     OnlineTeacherSpec,
     Recipe,
     SelfTeacherSpec,
@@ -33,7 +35,9 @@ from distill.recipe.schema import (
 from distill.runfolder import RunFolder
 from distill.tasks.base import Task, TaskSetup
 from distill.tasks.results import TeacherInfo
+from distill.tasks.teacher_store import steps_per_epoch
 from distill.teachers import CoTrainedTeacher, EMATeacher, Ensemble, FrozenTeacher, Teacher
+from distill.teachers.mixture import MixtureSettings, MixtureTeacher
 from distill.train.batches import predict
 
 
@@ -103,6 +107,18 @@ class Regimes:
                     f"method '{method.name}': self-distillation needs a teacher term (e.g. hinton_kd) to "
                     "learn from the previous generation"
                 )
+        if isinstance(spec, MixtureTeacherSpec):
+            if not split_terms(method)[1]:
+                raise UserError(
+                    f"method '{method.name}': a mixture teacher needs a teacher term (e.g. hinton_kd) to "
+                    "learn from"
+                )
+            trainer = self.recipe.trainer
+            if trainer.max_steps is None and trainer.epochs <= spec.warmup_epochs:
+                raise UserError(
+                    f"method '{method.name}': the mixture's warmup_epochs ({spec.warmup_epochs}) leave none "
+                    f"of the {trainer.epochs} epochs to routing; lower warmup_epochs or train longer"
+                )
 
     def method_teacher(self, method: MethodSpec) -> Teacher | None:
         """The teacher shared by every seed of `method` (an ensemble), or None when it is built per seed."""
@@ -132,7 +148,27 @@ class Regimes:
             return CoTrainedTeacher(peer, terms, lr=spec.lr, weight_decay=spec.weight_decay)
         if isinstance(spec, EMATeacherSpec):
             return EMATeacher(student, decay=spec.decay)
+        if isinstance(spec, MixtureTeacherSpec):
+            return self._mixture(spec, student)
         return None
+
+    def _mixture(self, spec: MixtureTeacherSpec, student: nn.Module) -> Teacher:
+        """S25's teacher of one seed: the members (obtained once, shared by seeds), fresh masks and gate; the
+        masks fit on the training set in an order of their own (drawn from the seed's random state)."""
+        members = [self._member(member)[0] for member in spec.members]
+        train_set, recipe = self.setup.train_set, self.recipe
+        batch_size = recipe.data.batch_size
+        order = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ())))
+        loader = DataLoader(
+            train_set,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=order,
+            collate_fn=getattr(train_set, "collate_fn", None),
+        )
+        per_epoch = steps_per_epoch(len(train_set), batch_size, recipe.trainer.grad_accum)  # type: ignore[arg-type]
+        settings = MixtureSettings(**spec.model_dump(include=set(MixtureSettings.__dataclass_fields__)))
+        return MixtureTeacher(members, student, loader, per_epoch, layers=spec.layers, settings=settings)
 
     def _member(self, spec: TeacherSpec) -> tuple[nn.Module, TeacherInfo]:
         key = fingerprint(spec.model_dump(mode="json"))[:16]

@@ -13,6 +13,7 @@ from distill.teachers.cotrained import CoTrainedTeacher
 from distill.teachers.ema import EMATeacher
 from distill.teachers.ensemble import Ensemble, Router, aggregate, normalise_scores
 from distill.teachers.frozen import FrozenTeacher
+from distill.teachers.mixture import MixtureOfTeachers, MixtureSettings, MixtureTeacher
 
 
 def as_teacher(teacher: Teacher | nn.Module | None = None, cache: Any = None) -> Teacher | None:
@@ -30,6 +31,9 @@ __all__ = [
     "EMATeacher",
     "Ensemble",
     "FrozenTeacher",
+    "MixtureOfTeachers",
+    "MixtureSettings",
+    "MixtureTeacher",
     "Router",
     "Teacher",
     "TeacherOutputs",

@@ -126,6 +126,10 @@ class Trainer:
             self.teacher.attach(self.device, self.accelerator.autocast, teacher_layers)
             if not any(o.needs_teacher and o.needs_teacher_logits for o in self.objectives):
                 self.teacher.skip_logits()
+        # An objective that learns on held-out data keeps its part of the training set, carved once from the
+        # seed; the student trains on the rest (`Objective.hold_out`).
+        for objective in self.objectives:
+            train_data = objective.hold_out(train_data, cfg.seed)
         needs_index = any(getattr(o, "needs_index", False) for o in self.objectives)
         if needs_index and isinstance(train_data, Dataset) and not isinstance(train_data, IndexedDataset):
             train_data = IndexedDataset(train_data)  # CRD's memory banks are read by sample id
@@ -385,6 +389,7 @@ class Trainer:
         world = self.accelerator.num_processes
         values_sum = torch.zeros(len(self.terms))
         counted = 0
+        seen: Any = None
         for index, ((inputs, labels, mask), rows) in enumerate(zip(micro, counts, strict=True)):
             if rows == 0 and world == 1:
                 continue
@@ -396,6 +401,7 @@ class Trainer:
                     self.accelerator.backward(outputs.student_logits.float().nan_to_num(0, 0, 0).sum() * 0)
                 continue
             values = [objective(outputs) for objective in self.objectives]
+            seen = inputs  # the last micro-batch the objectives saw (`Objective.after_optimizer_step`)
             detached = torch.stack([v.detach().float() for v in values]).cpu()
             # With several processes the check waits for the totals below: every process must skip or stop.
             if world == 1 and self._check_finite(detached, progress.step):  # skip: drop the whole window
@@ -417,6 +423,10 @@ class Trainer:
                 self._optimizer_step(skip=True)
                 return None
         self._optimizer_step(skip=counted == 0)
+        if counted:  # objectives whose own parameters learn outside the optimizer (bilevel), after its step
+            student, lr = self.accelerator.unwrap_model(self.student), self.optimizer.param_groups[0]["lr"]
+            for objective in self.objectives:
+                objective.after_optimizer_step(student, seen, progress, lr)
         return values_sum / max(1, counted)
 
     def _stop_on_signal(self, state: dict[str, Any], stop: StopRequest, *, save: bool = True) -> None:
