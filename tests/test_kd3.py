@@ -378,5 +378,5 @@ def test_recipe_refusals_are_one_line(tmp_path: Path) -> None:
     cached = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={"cache": "/some/cache"})})
     with pytest.raises(UserError, match="use a live teacher, not a cache"):
         check_kd3_method(cached, cached.method_list()[0], "method 'm': source 'kd3'")
-    with pytest.raises(UserError, match="task 'graph' has none"):
+    with pytest.raises(UserError, match="task 'graph' cannot serve it"):
         task_named("graph").check(recipe)

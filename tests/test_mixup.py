@@ -364,7 +364,8 @@ def test_tasks_that_cannot_mix_refuse_the_source() -> None:
     recipe = _recipe({"name": "mixup"})
     task_named("classification").check(recipe)  # image classification mixes
     for name in ("text_classification", "graph"):
-        with pytest.raises(UserError, match=f"source 'mixup' mixes input images .* task '{name}' cannot mix"):
+        refused = f"source 'mixup' mixes input images .* task '{name}' cannot serve"
+        with pytest.raises(UserError, match=refused):
             task_named(name).check(recipe)
 
 

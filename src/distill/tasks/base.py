@@ -20,6 +20,7 @@ from distill.models import count_parameters
 from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, TeacherSpec
 from distill.registry import Registry
 from distill.runfolder import RunFolder
+from distill.tasks.classifier_sources import CLASSIFIER_SOURCES, check_source
 from distill.tasks.results import ExperimentResult, TeacherInfo
 from distill.teachers import Teacher
 from distill.train import FitResult, Term
@@ -69,6 +70,7 @@ class Task:
 
     name: str = "task"
     teacher_kinds: tuple[str, ...] = ()  # the `methods[].teacher` regimes it serves (`distill.tasks.regimes`)
+    classifier_sources: tuple[str, ...] = ()  # the sources of `distill.tasks.classifier_sources` it takes
 
     def claims(self, recipe: Recipe) -> bool:
         """True when this task serves a recipe that names no `task`."""
@@ -77,26 +79,10 @@ class Task:
     def check(self, recipe: Recipe) -> None:
         """Refuse, in one line, what this task cannot run (before any folder is made)."""
         sources = {m.source.name for m in recipe.method_list() if m.source is not None} | {recipe.source.name}
-        # A task that can mix its input tensors (image / feature classification) names the batch sources it
-        # takes (`batch_sources`: mixup, cutmix; `distill.sources.mixup`).
-        other = sorted(
-            sources
-            - {"dataset", *getattr(self, "batch_sources", ()), *getattr(self, "selection_sources", ())}
-        )
-        if other and other[0] in ("llkd", "random_subset"):  # `distill.sources.selection` (S05)
+        other = sorted(sources - {"dataset", *self.classifier_sources})
+        if other and other[0] in CLASSIFIER_SOURCES:
             raise UserError(
-                f"source '{other[0]}' selects unlabelled rows of a classification data set; task "
-                f"'{self.name}' has no such rows (task: classification, data.params.unlabelled: true)"
-            )
-        if other and other[0] == "kd3":  # `distill.sources.kd3` (S35)
-            raise UserError(
-                f"source 'kd3' selects rows of a classification transfer set by the teacher's and the "
-                f"student's class predictions; task '{self.name}' has none (task: classification)"
-            )
-        if other and other[0] in ("mixup", "cutmix"):
-            raise UserError(
-                f"source '{other[0]}' mixes input images or feature vectors; task '{self.name}' cannot mix "
-                "its inputs (token ids, graphs)"
+                f"source '{other[0]}' {CLASSIFIER_SOURCES[other[0]]}; task '{self.name}' cannot serve it"
             )
         if other:
             raise UserError(
@@ -104,19 +90,9 @@ class Task:
                 f"task '{self.name}' trains on its data set"
             )
         for method in recipe.method_list():
-            source = method.source or recipe.source
-            if source.name in ("mixup", "cutmix"):
-                from distill.tasks.mixing import check_mixing_method
-
-                check_mixing_method(recipe, method, f"method '{method.name}': source '{source.name}'")
-            if source.name in ("llkd", "random_subset"):
-                from distill.tasks.selection import check_selection_method
-
-                check_selection_method(recipe, method, f"method '{method.name}': source '{source.name}'")
-            if source.name == "kd3":
-                from distill.tasks.kd3 import check_kd3_method
-
-                check_kd3_method(recipe, method, f"method '{method.name}': source 'kd3'")
+            source = (method.source or recipe.source).name
+            if source in CLASSIFIER_SOURCES:
+                check_source(source, recipe, method)
             if method.teacher is not None and method.teacher.kind not in self.teacher_kinds:
                 raise UserError(
                     f"method '{method.name}': task '{self.name}' has no '{method.teacher.kind}' teachers "

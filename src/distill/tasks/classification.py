@@ -20,6 +20,7 @@ from distill.models import build_model, count_parameters
 from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, TeacherSpec
 from distill.runfolder import RunFolder
 from distill.tasks.base import TASKS, MethodPlan, Task, TaskSetup
+from distill.tasks.classifier_sources import CLASSIFIER_SOURCES, plan_source
 from distill.tasks.feature_layers import check_feature_layers, reads_features
 from distill.tasks.results import ExperimentResult, TeacherInfo
 from distill.tasks.teacher_cache import (
@@ -113,9 +114,7 @@ def obtain_teacher(
 class ClassificationTask(Task):
     name = "classification"
     teacher_kinds = ("ensemble", "online", "ema", "self", "mixture")
-    batch_sources: tuple[str, ...] = ("mixup", "cutmix")  # sources that mix batches (Task.check)
-    # sources that select rows (Task.check)
-    selection_sources: tuple[str, ...] = ("llkd", "random_subset", "kd3")
+    classifier_sources = tuple(CLASSIFIER_SOURCES)
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         data = build_data(recipe.data.name, **recipe.data.params)
@@ -154,27 +153,13 @@ class ClassificationTask(Task):
     def plan_method(
         self, recipe: Recipe, method: MethodSpec, setup: TaskSetup, folder: RunFolder
     ) -> MethodPlan:
-        """The data set as it is, or with a mixup / cutmix source each seed's batches mixed (S37,
-        `distill.sources.mixup`): the student and the teacher see the mixed inputs, the labels become the
-        mixed class distributions. With an llkd / random_subset source (S05, `distill.sources.selection`)
-        the student trains on the unlabelled rows LLKD selects per batch, or on a random share of them. With a
-        kd3 source (S35, `distill.sources.kd3`) it trains on the transfer rows KD^3's combined teacher-student
-        prediction keeps per batch."""
+        """The data set as it is, or each seed's batches as the method's classifier source makes them
+        (`distill.tasks.classifier_sources`: mixup / cutmix, S37; llkd / random_subset, S05; kd3, S35)."""
         plan = super().plan_method(recipe, method, setup, folder)
         source = (method.source or recipe.source).name
-        if source == "kd3":
-            from distill.tasks.kd3 import kd3_plan
-
-            return kd3_plan(plan, recipe, method, setup)
-        if source in self.selection_sources:
-            from distill.tasks.selection import selection_plan
-
-            return selection_plan(plan, recipe, method, setup)
-        if source not in self.batch_sources:
+        if source not in self.classifier_sources:
             return plan
-        from distill.tasks.mixing import mixing_plan
-
-        return mixing_plan(plan, recipe, method, setup)
+        return plan_source(source, plan, recipe, method, setup)
 
     def cache_source(
         self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console

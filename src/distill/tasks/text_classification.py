@@ -59,7 +59,8 @@ def check_reads_tokens(model: nn.Module, data: TextClassificationData, role: str
 
 class TextClassificationTask(ClassificationTask):
     name = "text_classification"
-    batch_sources = ()  # mixup / cutmix refused (Task.check): token ids cannot be mixed
+    # Token ids cannot be mixed: mixup / cutmix are refused (Task.check); the selections are served.
+    classifier_sources = ("llkd", "random_subset", "kd3")
 
     def claims(self, recipe: Recipe) -> bool:
         return recipe.data.name in TEXT_DATASETS
