@@ -25,22 +25,16 @@ of the two standard deviations.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-from distill.experiment import run_recipe
 from distill.recipe.load import recipe_from_dict
 from distill.tables import gain_and_spread, markdown_table, noise_verdict, pm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _results import command_line, out_help, output_file, write_results  # noqa: E402
+from _one_recipe import one_recipe_main  # noqa: E402
 
 NAME = "kd3"
 SHIFT = {"base": "digits", "severity": 2, "imbalance": 10.0, "outliers": 0.2, "shift_seed": 0}
@@ -165,26 +159,7 @@ def document(result: Any, command: str, quick: bool, wall: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 10-epoch runs")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
-    parser.add_argument(
-        "--run-dir", type=Path, default=None, help="where the runs go (default: a temp folder)"
-    )
-    parser.add_argument("--out", type=Path, default=None, help=out_help(NAME))
-    args = parser.parse_args(argv)
-    default = 2 if args.quick else 3
-    seeds = list(range(args.seeds or default))
-    out = output_file(parser, NAME, args.out, quick=args.quick, partial=len(seeds) != default)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = args.run_dir or Path(tmp) / "runs"
-        started = time.perf_counter()
-        result = run_recipe(recipe(args.quick, seeds, run_dir), progress=False, console=Console(stderr=True))
-        text = document(result, command_line(NAME, argv), args.quick, time.perf_counter() - started)
-    write_results(out, text)
-    print(text)
-    print(f"wrote {out}")
-    return 0
+    return one_recipe_main(NAME, __doc__.splitlines()[0], "2 seeds, 10-epoch runs", recipe, document, argv)
 
 
 if __name__ == "__main__":

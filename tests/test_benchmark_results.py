@@ -69,7 +69,7 @@ def test_every_benchmark_script_uses_the_rule() -> None:
     assert {p.stem for p in SCRIPTS} >= {"lm", "lm_onpolicy", "teacher_cache", "kd_loss_memory"}
     for script in SCRIPTS:
         text = script.read_text()
-        chooses = "output_file(" in text or "seeds_and_file(" in text
+        chooses = any(call in text for call in ("output_file(", "seeds_and_file(", "one_recipe_main("))
         assert chooses, f"{script.name} does not choose its file with benchmarks/_results.py"
         assert "args.out.write_text" not in text, script.name
 
