@@ -257,8 +257,10 @@ class MethodTraining:
             seeded = replace(seeded, teacher=teacher)
         if train_set is not None:  # a part of the training set (self-distillation's held-out split)
             seeded = replace(seeded, train_set=train_set)
+        # The schedule spans the method's planned data (or the part of it this student trains on).
+        planned = self.plan.train_set if train_set is None else train_set
         per_epoch = steps_per_epoch(
-            len(seeded.train_set), recipe.data.batch_size, recipe.trainer.grad_accum, world_size()
+            len(planned), recipe.data.batch_size, recipe.trainer.grad_accum, world_size()
         )
         # Earlier runs' fingerprints (resume checks) had no run name: the seed's own run keeps that form.
         named = [] if run_name == f"seed-{seed}" else [run_name]
