@@ -296,8 +296,6 @@ def _train_methods(
 ) -> tuple[list[MethodRuns], nn.Module | None]:
     key = recipe_key(recipe)
     regimes = Regimes(task, recipe, setup, folder, progress)
-    for method in recipe.method_list():
-        regimes.check(method)
     methods: list[MethodRuns] = []
     student = None
     for method in recipe.method_list():

@@ -98,6 +98,10 @@ class Task:
                     f"method '{method.name}': task '{self.name}' has no '{method.teacher.kind}' teachers "
                     "(methods[].teacher); use the recipe's teacher"
                 )
+            if method.teacher is not None:
+                from distill.tasks.regimes import check_regime  # it builds on this module
+
+                check_regime(recipe, method)
 
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         raise NotImplementedError

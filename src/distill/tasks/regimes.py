@@ -92,34 +92,6 @@ class Regimes:
         self._members: dict[str, tuple[nn.Module, TeacherInfo]] = {}
         self.ensembles: dict[str, EnsembleInfo] = {}  # by method name
 
-    def check(self, method: MethodSpec) -> None:
-        """Refuse, in one line and before anything trains, a regime this method cannot use."""
-        spec = method.teacher
-        if isinstance(spec, SelfTeacherSpec):
-            label, taught = split_terms(method)
-            if not label:
-                raise UserError(
-                    f"method '{method.name}': self-distillation starts from a generation trained on the "
-                    "labels; add a label term (cross_entropy)"
-                )
-            if not taught:
-                raise UserError(
-                    f"method '{method.name}': self-distillation needs a teacher term (e.g. hinton_kd) to "
-                    "learn from the previous generation"
-                )
-        if isinstance(spec, MixtureTeacherSpec):
-            if not split_terms(method)[1]:
-                raise UserError(
-                    f"method '{method.name}': a mixture teacher needs a teacher term (e.g. hinton_kd) to "
-                    "learn from"
-                )
-            trainer = self.recipe.trainer
-            if trainer.max_steps is None and trainer.epochs <= spec.warmup_epochs:
-                raise UserError(
-                    f"method '{method.name}': the mixture's warmup_epochs ({spec.warmup_epochs}) leave none "
-                    f"of the {trainer.epochs} epochs to routing; lower warmup_epochs or train longer"
-                )
-
     def method_teacher(self, method: MethodSpec) -> Teacher | None:
         """The teacher shared by every seed of `method` (an ensemble), or None when it is built per seed."""
         spec = method.teacher
@@ -221,3 +193,33 @@ def estimated_alpha(first: nn.Module, distilled_only: nn.Module, held_out: Datas
     p1, labels = model_logits(first, held_out, batch_size)
     p0, _ = model_logits(distilled_only, held_out, batch_size)
     return estimate_alpha(p0, labels, p1, from_logits=True)
+
+
+def check_regime(recipe: Recipe, method: MethodSpec) -> None:
+    """Refuse, in one line and before anything trains (the teacher included), a regime this method cannot
+    use."""
+    spec = method.teacher
+    if isinstance(spec, SelfTeacherSpec):
+        label, taught = split_terms(method)
+        if not label:
+            raise UserError(
+                f"method '{method.name}': self-distillation starts from a generation trained on the "
+                "labels; add a label term (cross_entropy)"
+            )
+        if not taught:
+            raise UserError(
+                f"method '{method.name}': self-distillation needs a teacher term (e.g. hinton_kd) to "
+                "learn from the previous generation"
+            )
+    if isinstance(spec, MixtureTeacherSpec):
+        if not split_terms(method)[1]:
+            raise UserError(
+                f"method '{method.name}': a mixture teacher needs a teacher term (e.g. hinton_kd) to "
+                "learn from"
+            )
+        trainer = recipe.trainer
+        if trainer.max_steps is None and trainer.epochs <= spec.warmup_epochs:
+            raise UserError(
+                f"method '{method.name}': the mixture's warmup_epochs ({spec.warmup_epochs}) leave none "
+                f"of the {trainer.epochs} epochs to routing; lower warmup_epochs or train longer"
+            )
