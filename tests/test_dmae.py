@@ -4,8 +4,6 @@ block, gradients into the projector, and the quick benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
+from bench_helpers import load_benchmark
 from data_helpers import missing_data
 from distill.errors import UserError
 from distill.objectives import OBJECTIVES, Progress, StepOutputs, build_objective
@@ -317,12 +316,7 @@ def test_registration_defaults_and_parameters() -> None:
 
 
 def _benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_dmae", BENCHMARKS / "dmae.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("dmae")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ receives node features, the task's refusals; one end-to-end run and the quick be
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from bench_helpers import load_benchmark
 from data_helpers import require_data
 from distill.data import build_data
 from distill.data.graphs import IGNORED, Graph, GraphSplits, NodeSet, planetoid_folder
@@ -367,11 +367,7 @@ def test_a_tiny_graph_recipe_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("bench_graph", ROOT / "benchmarks" / "graph.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("graph")
 
 
 @pytest.mark.slow

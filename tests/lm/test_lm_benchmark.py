@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from bench_helpers import load_benchmark
 from data_helpers import require_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,11 +23,7 @@ ROWS = (
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("bench_lm", ROOT / "benchmarks" / "lm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lm")
 
 
 def test_packaged_recipes_are_the_default_runs():

@@ -202,14 +202,9 @@ def test_fused_path_under_bf16_autocast_trains_like_the_dense_path() -> None:
 def test_step_benchmark_quick_mode_measures_both_paths_with_equal_losses(tmp_path) -> None:
     """`benchmarks/lm_fused_step.py --quick`: every cell ran in its own process, on the path it names, and
     the dense and fused first-step losses agree."""
-    import importlib.util
-    from pathlib import Path
+    from bench_helpers import load_benchmark
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_fused_step.py"
-    spec = importlib.util.spec_from_file_location("bench_fused_step", script)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("lm_fused_step")
     out = tmp_path / "step.md"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 4096 |")]
