@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from torch import nn
 
 from distill.bench.memo import MemoizedTeacher
 from distill.bench.methods import skipped_objectives
@@ -24,8 +26,9 @@ from distill.bench.results import (
 )
 from distill.bench.suites import suite_recipes
 from distill.errors import UserError
-from distill.experiment import run_recipe
+from distill.experiment import ExperimentResult, run_recipe
 from distill.io import atomic_write_json, atomic_write_text
+from distill.recipe.schema import Recipe
 from distill.report import write_report
 from distill.runfolder import holds_run
 from distill.tables import rich_table
@@ -45,6 +48,28 @@ def check_bench_folder(out_dir: Path, recipe_names: list[str], resume: bool) -> 
             f"output folder {out_dir} holds an earlier benchmark ({earlier[0]}); pass --resume to continue "
             "it or choose another --out"
         )
+
+
+def run_bench_recipe(
+    recipe: Recipe,
+    out_dir: Path,
+    resume: bool,
+    progress: bool,
+    console: Console,
+    teacher_wrapper: Callable[[nn.Module], nn.Module] | None,
+) -> ExperimentResult:
+    """One recipe of a benchmark suite, run (or resumed) in `out_dir / recipe.name`, its report written."""
+    folder = out_dir / recipe.name
+    experiment = run_recipe(
+        recipe,
+        out=folder,
+        resume=resume and holds_run(folder),
+        progress=progress,
+        console=console,
+        teacher_wrapper=teacher_wrapper,
+    )
+    write_report(experiment)
+    return experiment
 
 
 def _default_out(suite: str) -> Path:
@@ -72,18 +97,9 @@ def run_vision_bench(
     check_bench_folder(out_dir, [r.name for r, _ in recipes], resume)
     datasets = []
     for recipe, chosen in recipes:
-        folder = out_dir / recipe.name
         augmented = bool(recipe.data.params.get("augment", False))
         wrapper = MemoizedTeacher if memoize_teacher and not augmented else None
-        experiment = run_recipe(
-            recipe,
-            out=folder,
-            resume=resume and holds_run(folder),
-            progress=progress,
-            console=console,
-            teacher_wrapper=wrapper,
-        )
-        write_report(experiment)
+        experiment = run_bench_recipe(recipe, out_dir, resume, progress, console, wrapper)
         datasets.append(DatasetResult(recipe, experiment, chosen))
     result = BenchResult(
         suite,

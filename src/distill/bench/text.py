@@ -20,17 +20,14 @@ from typing import Any
 from rich.console import Console
 
 from distill.bench.memo import MemoizedTeacher
-from distill.bench.runner import check_bench_folder
+from distill.bench.runner import check_bench_folder, run_bench_recipe
 from distill.errors import UserError
-from distill.experiment import run_recipe
 from distill.io import atomic_write_json, atomic_write_text
 from distill.recipe.check import check_recipe
 from distill.recipe.load import builtin_recipe_text, parse_yaml, recipe_from_dict
 from distill.recipe.overrides import merge
 from distill.recipe.schema import Recipe
 from distill.registry import nearest
-from distill.report import write_report
-from distill.runfolder import holds_run
 from distill.tables import gain_and_spread, markdown_table, mean_std, noise_verdict, rich_table
 from distill.tasks.classification_report import headers, latency_lines, summary_rows
 from distill.tasks.report_common import method_values, metrics_document
@@ -107,17 +104,7 @@ def run_text_bench(
     check_bench_folder(out_dir, [r.name for r in recipes], resume)
     results = []
     for recipe in recipes:
-        folder = out_dir / recipe.name
-        experiment = run_recipe(
-            recipe,
-            out=folder,
-            resume=resume and holds_run(folder),
-            progress=progress,
-            console=console,
-            teacher_wrapper=MemoizedTeacher,
-        )
-        write_report(experiment)
-        results.append(experiment)
+        results.append(run_bench_recipe(recipe, out_dir, resume, progress, console, MemoizedTeacher))
     bench = TextBench(
         suite,
         out_dir,
