@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,graph,text]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,graph,text,retrieval,diffusion,detection]"
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-peers.txt
 	touch $(STAMP)
 
