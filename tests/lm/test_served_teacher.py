@@ -1,0 +1,203 @@
+"""The served teacher: top-k targets fetched from a completions server equal the local model's top-k; retries,
+timeouts and refusals end in one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from distill.cache.targets import topk_rows
+from distill.errors import UserError
+from distill.teachers.base import TeacherRequest
+from distill.teachers.served import ServedTeacher, distinct_unused_slots
+from distill.teachers.served_protocol import Endpoint, ServedTeacherError, call_endpoint, text_to_id
+from lm.lm_helpers import lm_fixture
+from lm.served_server import Behaviour, serve
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    data, teacher, _ = lm_fixture()
+    teacher.eval()
+    batch = next(iter(DataLoader(data.train, batch_size=8, collate_fn=data.train.collate_fn)))
+    return data, teacher, batch
+
+
+def _request(batch) -> TeacherRequest:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return TeacherRequest(inputs=inputs, mask=batch["mask"])
+
+
+def _expected(teacher, batch):
+    with torch.inference_mode():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return topk_rows(logits[batch["mask"]], K, 1.0)
+
+
+def _no_sleep(seconds: float) -> None:
+    pass
+
+
+def test_vllm_targets_equal_the_local_top_k(fixture):
+    data, teacher, batch = fixture
+    with serve(teacher, data.tokenizer, "vllm") as url:
+        served = ServedTeacher(Endpoint(url, "tiny", top_k=K), data.tokenizer, len(data.tokenizer))
+        topk = served.outputs(_request(batch)).topk
+    ids, logprobs, tail = _expected(teacher, batch)
+    assert torch.equal(topk.ids, ids)
+    torch.testing.assert_close(topk.logprobs, logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(topk.tail_logmass, tail, atol=1e-4, rtol=1e-4)
+
+
+def test_openai_targets_are_the_local_top_k_of_unambiguous_texts(fixture):
+    """Keyed by text, the legacy dialect loses the ids whose text another id shares (byte tokens all decode
+    to U+FFFD): the rest of the local top-k comes back with the local log-probabilities, and the tail holds
+    exactly the mass the kept ids leave."""
+    data, teacher, batch = fixture
+    with serve(teacher, data.tokenizer, "openai") as url:
+        served = ServedTeacher(
+            Endpoint(url, "tiny", top_k=K, protocol="openai"), data.tokenizer, len(data.tokenizer)
+        )
+        topk = served.outputs(_request(batch)).topk
+    unambiguous = set(text_to_id(data.tokenizer.decode, len(data.tokenizer)).values())
+    with torch.inference_mode():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    local = torch.log_softmax(logits[batch["mask"]].float(), -1)
+    local_top = local.topk(K).indices
+    for row in range(len(local)):
+        kept = torch.isfinite(topk.logprobs[row])
+        got = topk.ids[row][kept]
+        assert set(local_top[row].tolist()) & unambiguous <= set(got.tolist()) <= unambiguous
+        torch.testing.assert_close(topk.logprobs[row][kept], local[row, got], atol=1e-5, rtol=1e-5)
+        rest = torch.log1p(-local[row, got].double().exp().sum()).float()
+        torch.testing.assert_close(topk.tail_logmass[row], rest, atol=1e-4, rtol=1e-4)
+
+
+def test_vllm_batches_prompts_per_request(fixture):
+    data, teacher, batch = fixture
+    behaviour = Behaviour()
+    with serve(teacher, data.tokenizer, "vllm", behaviour) as url:
+        endpoint = Endpoint(url, "tiny", top_k=K, prompts_per_request=3)
+        ServedTeacher(endpoint, data.tokenizer, len(data.tokenizer)).outputs(_request(batch))
+    assert [len(r["payload"]["prompt"]) for r in behaviour.requests] == [3, 3, 2]
+    first = behaviour.requests[0]["payload"]["prompt"][0]
+    assert first == batch["input_ids"][0, : int(batch["attention_mask"][0].sum())].tolist()
+
+
+def test_openai_dialect_skips_a_bos_token_the_server_adds(fixture):
+    data, teacher, batch = fixture
+    with serve(teacher, data.tokenizer, "openai", Behaviour(add_bos=True)) as url:
+        served = ServedTeacher(
+            Endpoint(url, "tiny", top_k=K, protocol="openai"), data.tokenizer, len(data.tokenizer)
+        )
+        topk = served.outputs(_request(batch)).topk
+    ids, _, _ = _expected(teacher, batch)
+    assert topk.ids.shape == ids.shape  # rows line up with the student's tokens, not the server's BOS
+
+
+def test_transient_failures_are_retried_with_backoff(fixture):
+    data, teacher, batch = fixture
+    waits: list[float] = []
+    with serve(teacher, data.tokenizer, "vllm", Behaviour(fail_with=[503, 429])) as url:
+        endpoint = Endpoint(url, "tiny", top_k=K, retries=3, backoff_s=0.25, prompts_per_request=8)
+        served = ServedTeacher(endpoint, data.tokenizer, len(data.tokenizer), sleep=waits.append)
+        topk = served.outputs(_request(batch)).topk
+    assert waits == [0.25, 0.5]
+    assert torch.equal(topk.ids, _expected(teacher, batch)[0])
+
+
+def test_retries_run_out_in_one_line(fixture):
+    data, teacher, batch = fixture
+    with serve(teacher, data.tokenizer, "vllm", Behaviour(fail_with=[503] * 5)) as url:
+        served = ServedTeacher(
+            Endpoint(url, "tiny", top_k=K, retries=2), data.tokenizer, 300, sleep=_no_sleep
+        )
+        with pytest.raises(ServedTeacherError) as error:
+            served.outputs(_request(batch))
+    message = str(error.value)
+    assert "HTTP 503" in message and "after 3 tries" in message and "\n" not in message
+
+
+def test_a_client_error_is_not_retried_and_quotes_the_server(fixture):
+    data, teacher, batch = fixture
+    behaviour = Behaviour(fail_with=[400])
+    with serve(teacher, data.tokenizer, "vllm", behaviour) as url:
+        served = ServedTeacher(Endpoint(url, "tiny", top_k=K), data.tokenizer, 300, sleep=_no_sleep)
+        with pytest.raises(ServedTeacherError, match="HTTP 400 scripted failure"):
+            served.outputs(_request(batch))
+    assert len(behaviour.requests) == 1
+
+
+def test_a_timeout_is_retried_then_reported(fixture):
+    data, teacher, batch = fixture
+    with serve(teacher, data.tokenizer, "vllm", Behaviour(delay_s=0.5)) as url:
+        endpoint = Endpoint(url, "tiny", top_k=K, timeout_s=0.05, retries=1)
+        served = ServedTeacher(endpoint, data.tokenizer, 300, sleep=_no_sleep)
+        with pytest.raises(ServedTeacherError, match="timed out after 2 tries"):
+            served.outputs(_request(batch))
+
+
+def test_an_unreachable_server_is_one_line():
+    endpoint = Endpoint("http://127.0.0.1:9/v1", "tiny", retries=0, timeout_s=2)
+    with pytest.raises(ServedTeacherError, match=r"unreachable .* after 1 tries"):
+        call_endpoint(endpoint, {"prompt": [[1]]})
+
+
+def test_the_api_key_comes_from_the_environment(fixture, monkeypatch):
+    data, teacher, batch = fixture
+    endpoint_kwargs = {"top_k": K, "api_key_env": "DISTILL_TEST_KEY"}
+    monkeypatch.delenv("DISTILL_TEST_KEY", raising=False)
+    with pytest.raises(ServedTeacherError, match="DISTILL_TEST_KEY is not set"):
+        call_endpoint(Endpoint("http://127.0.0.1:9/v1", "tiny", **endpoint_kwargs), {})
+    monkeypatch.setenv("DISTILL_TEST_KEY", "sekret")
+    behaviour = Behaviour()
+    with serve(teacher, data.tokenizer, "vllm", behaviour) as url:
+        ServedTeacher(Endpoint(url, "tiny", **endpoint_kwargs), data.tokenizer, 300).outputs(_request(batch))
+    assert behaviour.requests[0]["headers"]["Authorization"] == "Bearer sekret"
+
+
+def test_a_server_with_another_tokenizer_is_refused(fixture):
+    from lm.lm_helpers import bpe
+
+    data, teacher, batch = fixture
+    other = bpe(vocab_size=261)
+    with serve(teacher, other, "openai") as url:
+        served = ServedTeacher(
+            Endpoint(url, "tiny", top_k=K, protocol="openai"), data.tokenizer, len(data.tokenizer)
+        )
+        with pytest.raises(ServedTeacherError, match="tokenised the prompt otherwise"):
+            served.outputs(_request(batch))
+
+
+def test_objectives_that_need_full_logits_or_another_temperature_are_refused():
+    from distill.objectives import build_objective
+
+    served = ServedTeacher(Endpoint("http://x/v1", "m", top_k=2), None, 10)
+    served.check_objectives(["forward_kl"], [build_objective("forward_kl", {})])
+    with pytest.raises(UserError, match="full logits"):
+        served.check_objectives(["dkd"], [build_objective("dkd", {})])
+    with pytest.raises(UserError, match="temperature 2"):
+        served.check_objectives(["forward_kl"], [build_objective("forward_kl", {"temperature": 2.0})])
+    with pytest.raises(UserError, match="protocol 'grpc'"):
+        ServedTeacher(Endpoint("http://x/v1", "m", protocol="grpc"), None, 10)
+    with pytest.raises(UserError, match="top_k must be between 1 and"):
+        ServedTeacher(Endpoint("http://x/v1", "m", top_k=11), None, 10)
+
+
+def test_unused_slots_get_distinct_free_ids():
+    ids = torch.tensor([[3, 0, 0], [1, 2, 0], [0, 0, 0]])
+    logprobs = torch.tensor([[-0.1, -math.inf, -math.inf], [-0.5, -1.0, -math.inf], [-math.inf] * 3])
+    filled = distinct_unused_slots(ids, logprobs, vocabulary=6)
+    assert filled.tolist() == [[3, 0, 1], [1, 2, 0], [0, 1, 2]]
+    for row in filled.tolist():
+        assert len(set(row)) == len(row)
+
+
+def test_text_to_id_leaves_out_ambiguous_texts():
+    pieces = {0: "a", 1: "b", 2: "\ufffd", 3: "\ufffd"}
+    assert text_to_id(lambda ids: pieces[ids[0]], 4) == {"a": 0, "b": 1}
