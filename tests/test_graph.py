@@ -337,6 +337,55 @@ def test_the_inductive_split_holds_test_nodes_out_of_the_graph(cora: GraphSplits
     assert observed.edge_index.shape[1] == len(kept)
 
 
+def test_gnnbench_cora_is_planetoids_graph_read_without_pickles_or_pyg(
+    cora: GraphSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The npz copy holds the same graph in another node order: same size, degrees and class sizes."""
+    require_data("graphs/gnnbench/cora.npz")
+
+    def no_pyg(*args: object) -> None:
+        raise AssertionError("the gnnbench source must not read Planetoid's pickles")
+
+    monkeypatch.setattr("distill.data.graphs._read_planetoid", no_pyg)
+    data = build_data("cora", source="gnnbench", split_seed=5)
+    assert isinstance(data, GraphSplits) and data.graph is not None and cora.graph is not None
+    graph, planetoid = data.graph, cora.graph
+    assert graph.features.shape == (2708, 1433) and graph.edge_index.shape == (2, 10556)
+    degrees = [torch.bincount(g.edge_index[0], minlength=2708).sort().values for g in (graph, planetoid)]
+    assert torch.equal(degrees[0], degrees[1])
+    sizes = [torch.bincount(g.labels).sort().values for g in (graph, planetoid)]
+    assert torch.equal(sizes[0], sizes[1])
+    reverse = torch.stack([graph.edge_index[1], graph.edge_index[0]])
+    assert torch.equal(torch.unique(reverse, dim=1), graph.edge_index)  # undirected, both directions once
+    assert bool((graph.edge_index[0] != graph.edge_index[1]).all())
+    assert (data.obs_train.numel(), data.obs_val.numel(), data.test_nodes.numel()) == (140, 500, 1000)
+    train_labels = graph.labels[data.obs_train]  # transductive: observed positions are node ids
+    assert torch.equal(torch.bincount(train_labels), torch.full((7,), 20))
+    parts = [set(nodes.tolist()) for nodes in (data.obs_train, data.obs_val, data.test_nodes)]
+    assert sum(map(len, parts)) == len(set().union(*parts))  # disjoint
+    again = build_data("cora", source="gnnbench", split_seed=5)
+    other = build_data("cora", source="gnnbench", split_seed=6)
+    assert torch.equal(again.obs_train, data.obs_train)  # type: ignore[union-attr]
+    assert not torch.equal(other.obs_train, data.obs_train)  # type: ignore[union-attr]
+    assert "random split of Planetoid's sizes, seed 5" in data.description
+
+
+def test_gnnbench_mistakes_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="source must be one of planetoid, gnnbench"):
+        build_data("cora", source="csv")
+    with pytest.raises(UserError, match="no gnn-benchmark file"):
+        build_data("cora", source="gnnbench", root=str(tmp_path))
+    (tmp_path / "cora.npz").write_bytes(b"not an npz")
+    with pytest.raises(UserError, match="cannot read gnn-benchmark file") as error:
+        build_data("cora", source="gnnbench", root=str(tmp_path))
+    assert "\n" not in str(error.value)
+    import numpy as np
+
+    np.savez(tmp_path / "cora.npz", labels=np.zeros(3))
+    with pytest.raises(UserError, match="missing adj_data"):
+        build_data("cora", source="gnnbench", root=str(tmp_path / "cora.npz"))
+
+
 # ------------------------------------------------------------------------------------- slow runs
 
 

@@ -30,11 +30,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from distill.data.base import DATASETS, DataSplits
+from distill.data.gnnbench import gnnbench_file, random_split, read_gnnbench
 from distill.data.paths import data_path
 from distill.errors import UserError
 
 IGNORED = -100  # a label that cross-entropy skips (an unlabelled node)
 SETTINGS = ("transductive", "inductive")
+SOURCES = ("planetoid", "gnnbench")  # which files: Planetoid's raw pickles (PyG) or gnn-benchmark's npz
 PLANETOID = {"cora": "Cora", "citeseer": "CiteSeer"}
 GRAPH_EXTRA = "pip install 'distill[graph]' (torch-geometric)"
 
@@ -139,10 +141,30 @@ def load_planetoid(
     data = _read_planetoid(planetoid_folder(name, root), name)
     features = data.x.float()
     if normalize_features:
-        features = features / features.sum(1, keepdim=True).clamp(min=1.0)
+        features = _normalised(features)
     edges = data.edge_index
     edges = edges[:, edges[0] != edges[1]]
     return Graph(features.contiguous(), data.y.long(), edges.contiguous()), data
+
+
+def _normalised(features: Tensor) -> Tensor:
+    return features / features.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def load_graph(
+    name: str, root: str | Path | None, source: str, normalize_features: bool, split_seed: int
+) -> tuple[Graph, tuple[Tensor, Tensor, Tensor], str]:
+    """The graph, its (train, validation, test) nodes, and the split's name: Planetoid's public split, or
+    a seeded one of the same sizes for gnn-benchmark's files (`distill.data.gnnbench`)."""
+    if source == "planetoid":
+        graph, data = load_planetoid(name, root, normalize_features)
+        split = tuple(m.nonzero().view(-1) for m in (data.train_mask, data.val_mask, data.test_mask))
+        return graph, split, "Planetoid public split"  # type: ignore[return-value]
+    features, labels, edges = read_gnnbench(gnnbench_file(name, root), name)
+    if normalize_features:
+        features = _normalised(features)
+    split_name = f"gnn-benchmark files, random split of Planetoid's sizes, seed {split_seed}"
+    return Graph(features, labels, edges), random_split(labels, split_seed), split_name
 
 
 def graph_splits(
@@ -153,13 +175,15 @@ def graph_splits(
     held_out: float = 0.2,
     split_seed: int = 0,
     normalize_features: bool = True,
+    source: str = "planetoid",
 ) -> GraphSplits:
     if setting not in SETTINGS:
         raise UserError(f"data '{name}': setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if source not in SOURCES:
+        raise UserError(f"data '{name}': source must be one of {', '.join(SOURCES)}, got {source!r}")
     if not 0.0 < held_out < 1.0:
         raise UserError(f"data '{name}': held_out must lie in (0, 1), got {held_out}")
-    graph, data = load_planetoid(name, root, normalize_features)
-    train, val, test = (m.nonzero().view(-1) for m in (data.train_mask, data.val_mask, data.test_mask))
+    graph, (train, val, test), split_name = load_graph(name, root, source, normalize_features, split_seed)
     if setting == "transductive":
         observed = torch.arange(graph.num_nodes)
         test_nodes, obs_test = test, test
@@ -178,7 +202,7 @@ def graph_splits(
     student_labels[obs_train] = graph.labels[train]
     classes = int(graph.labels.max()) + 1
     description = (
-        f"{PLANETOID[name]} (Planetoid public split): {graph.num_nodes:,} nodes, "
+        f"{PLANETOID[name]} ({split_name}): {graph.num_nodes:,} nodes, "
         f"{graph.edge_index.shape[1] // 2:,} edges, {graph.features.shape[1]:,} features, {classes} classes; "
         f"{train.numel()} labelled / {val.numel()} validation / {test.numel()} test nodes; {setting}"
         + (
@@ -214,9 +238,12 @@ def cora(
     held_out: float = 0.2,
     split_seed: int = 0,
     normalize_features: bool = True,
+    source: str = "planetoid",
 ) -> GraphSplits:
     """Cora (2,708 papers, 7 classes). `root`: a folder holding `Cora/raw/ind.cora.*` (default: the shared
-    data, ../shared/data/graphs/planetoid)."""
+    data, ../shared/data/graphs/planetoid). `source: gnnbench` reads gnn-benchmark's `cora.npz` instead
+    (`root`: its folder or the file; default ../shared/data/graphs/gnnbench) with a seeded split of
+    Planetoid's sizes (`split_seed`), and needs no torch_geometric."""
     return graph_splits(
         "cora",
         root=root,
@@ -224,6 +251,7 @@ def cora(
         held_out=held_out,
         split_seed=split_seed,
         normalize_features=normalize_features,
+        source=source,
     )
 
 
@@ -237,9 +265,10 @@ def citeseer(
     held_out: float = 0.2,
     split_seed: int = 0,
     normalize_features: bool = True,
+    source: str = "planetoid",
 ) -> GraphSplits:
     """CiteSeer (3,327 papers, 6 classes; 15 isolated nodes without features, kept as PyG keeps them).
-    `root` as for `cora`."""
+    `root` and `source` as for `cora` (gnn-benchmark's copy: 3,312 nodes, without the placeholders)."""
     return graph_splits(
         "citeseer",
         root=root,
@@ -247,4 +276,5 @@ def citeseer(
         held_out=held_out,
         split_seed=split_seed,
         normalize_features=normalize_features,
+        source=source,
     )
