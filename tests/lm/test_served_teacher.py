@@ -3,7 +3,9 @@ timeouts and refusals end in one line."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,82 @@ def test_unused_slots_get_distinct_free_ids():
 def test_text_to_id_leaves_out_ambiguous_texts():
     pieces = {0: "a", 1: "b", 2: "\ufffd", 3: "\ufffd"}
     assert text_to_id(lambda ids: pieces[ids[0]], 4) == {"a": 0, "b": 1}
+
+
+# ----------------------------------------------- recorded from a real server: llama-cpp-python 0.3.36
+
+RECORDED = Path(__file__).resolve().parents[1] / "data" / "llama_cpp_server"
+
+
+def _replay(exchanges):
+    """A `post` answering each request with the answer the real server gave to exactly that request."""
+
+    def post(url, payload, headers, timeout):
+        for exchange in exchanges:
+            if exchange["request"] == payload:
+                return exchange["answer"]
+        raise AssertionError(f"a request the server was never asked: {payload}")
+
+    return post
+
+
+def _recorded_batch(tokenizer, exchanges):
+    rows = [tokenizer(e["request"]["prompt"], add_special_tokens=False)["input_ids"] for e in exchanges]
+    length = max(map(len, rows))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
+    mask = attention.bool()
+    for i, row in enumerate(rows):
+        mask[i, len(row) - 1] = False  # the last token predicts nothing in the sequence
+    return ids, attention, mask
+
+
+def test_llama_cpp_answers_recorded_from_a_real_server_match_the_model():
+    """llama-cpp-python's echo entries are shifted by one (entry i: the distribution after token i, entry 0
+    null); read as `llama_cpp` they equal this model's log-probabilities (the server ran its f32 GGUF
+    conversion), read as plain `openai` they do not: the dialect is needed."""
+    from distill.data.tokenizers import load_tokenizer
+    from distill.models.causal_lm import build_causal_lm
+
+    recorded = json.loads((RECORDED / "exchanges.json").read_text())
+    tokenizer = load_tokenizer(RECORDED)
+    model = build_causal_lm(path=RECORDED).eval()
+    ids, attention, mask = _recorded_batch(tokenizer, recorded["exchanges"])
+    with torch.inference_mode():
+        local = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), -1)[mask]
+    request = TeacherRequest(inputs={"input_ids": ids, "attention_mask": attention}, mask=mask)
+    errors = {}
+    for protocol in ("llama_cpp", "openai"):
+        endpoint = Endpoint("http://recorded/v1", "tiny", top_k=5, protocol=protocol)
+        post = _replay(recorded["exchanges"])
+        topk = ServedTeacher(endpoint, tokenizer, len(tokenizer), post=post).outputs(request).topk
+        kept = torch.isfinite(topk.logprobs)
+        errors[protocol] = float((topk.logprobs[kept] - local.gather(1, topk.ids)[kept]).abs().max())
+        if protocol == "llama_cpp":
+            firsts = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)[:-1]])
+            assert not kept[firsts].any()  # the server's null first entry: an empty row
+            assert float(topk.tail_logmass[firsts].abs().max()) == 0.0  # log(1): all mass in the tail
+            assert kept.sum() > 0.5 * kept.numel()
+            expected_tail = torch.log1p(-local.gather(1, topk.ids).double().exp().mul(kept).sum(-1)).float()
+            torch.testing.assert_close(topk.tail_logmass, expected_tail, atol=2e-3, rtol=0)
+    assert errors["llama_cpp"] < 2e-3 < 1.0 < errors["openai"]
+
+
+def test_a_recorded_server_error_is_one_line():
+    import io
+    import urllib.error
+
+    error = json.loads((RECORDED / "exchanges.json").read_text())["errors"][0]
+
+    def post(url, payload, headers, timeout):
+        body = io.BytesIO(json.dumps(error["body"]).encode())
+        raise urllib.error.HTTPError(url, error["status"], "Bad Request", {}, body)  # type: ignore[arg-type]
+
+    endpoint = Endpoint("http://recorded/v1", "tiny", protocol="llama_cpp")
+    with pytest.raises(ServedTeacherError) as raised:
+        call_endpoint(endpoint, {}, post=post)
+    message = str(raised.value)
+    assert message.startswith("served teacher http://recorded/v1/completions: HTTP 400 This model's maximum")
+    assert "\n" not in message

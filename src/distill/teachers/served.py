@@ -127,7 +127,10 @@ class ServedTeacher(Teacher):
             answer = call_endpoint(
                 endpoint, openai_payload(endpoint, text), post=self._post, sleep=self._sleep
             )
-            results.append(parse_openai(answer, pieces, self._text_ids, endpoint.top_k, endpoint.url))
+            shifted = endpoint.protocol == "llama_cpp"
+            results.append(
+                parse_openai(answer, pieces, self._text_ids, endpoint.top_k, endpoint.url, shifted=shifted)
+            )
         return results
 
 

@@ -4,10 +4,15 @@ Two dialects give per-token top-k log-probabilities of a prompt, which is what d
 
 * ``vllm``: the prompt goes as token ids, several prompts per request; `prompt_logprobs: k` returns, for each
   prompt position j >= 1, the top-k of token j given the tokens before it, keyed by token id.
-* ``openai``: the legacy form (OpenAI's own and llama.cpp's server): the prompt goes as text, one per request;
-  `echo: true, logprobs: k, max_tokens: 1` returns every prompt token and the generated one with their top-k,
-  keyed by the token's text. Texts map back to ids through the student's tokenizer; a text several ids decode
-  to is ambiguous and its mass joins the tail.
+* ``openai``: the legacy form: the prompt goes as text, one per request; `echo: true, logprobs: k,
+  max_tokens: 1` returns every prompt token with the top-k of its position (entry i: the alternatives to token
+  i given the tokens before it), keyed by the token's text. Texts map back to ids through the student's
+  tokenizer; a text several ids decode to (or none: llama.cpp writes a lone byte as "") is ambiguous and its
+  mass joins the tail.
+* ``llama_cpp``: the same request to llama-cpp-python's server (`python -m llama_cpp.server`, recorded from
+  0.3.36), whose echo entries are shifted by one: entry i is the distribution *after* token i (it pairs each
+  token with the logits its own position produced), and entry 0 is blanked to null, so the first position's
+  targets are lost (that row is left empty: all mass in the tail, where every divergence is 0).
 
 Row i of what `parse_*` returns is the teacher's distribution of token i + 1 given tokens 0..i, the same
 row a local model's logits give at position i. The last row predicts past the prompt, which no counted token
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from distill.errors import UserError, clipped
 
-PROTOCOLS = ("vllm", "openai")
+PROTOCOLS = ("vllm", "openai", "llama_cpp")
 RETRIED_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -195,27 +200,40 @@ def _by_id(entry: Mapping[str, Any] | None, url: str) -> dict[int, float]:
 
 
 def parse_openai(
-    answer: dict[str, Any], pieces: Sequence[str], text_ids: Mapping[str, int], k: int, url: str
+    answer: dict[str, Any],
+    pieces: Sequence[str],
+    text_ids: Mapping[str, int],
+    k: int,
+    url: str,
+    *,
+    shifted: bool = False,
 ) -> TopK:
     """Top-k rows of one prompt from a legacy echo + logprobs answer. `pieces`: the text of each prompt token
     as the student's tokenizer decodes it; `text_ids`: text -> id for the texts exactly one id decodes to.
 
     The server's echoed tokens must be `pieces`, optionally after a beginning-of-sequence token the server
-    added; a mismatch means it tokenised the text otherwise, and the rows would not line up."""
+    added and before the one token it generated (llama.cpp leaves that out when it is the end of text); a
+    mismatch means it tokenised the text otherwise, and the rows would not line up. `shifted`: llama-cpp-
+    python's entries, each the distribution after its own token (module docstring)."""
     logprobs = (_choices(answer, 1, url)[0].get("logprobs")) or {}
     tokens, top = logprobs.get("tokens"), logprobs.get("top_logprobs")
     n = len(pieces)
     if not isinstance(tokens, list) or not isinstance(top, list) or len(top) != len(tokens):
         raise ServedTeacherError(f"served teacher {url}: the answer has no echoed tokens with top_logprobs")
-    start = len(tokens) - n - 1  # the server may prepend a BOS token; one generated token ends the list
-    if start not in (0, 1) or list(tokens[start : start + n]) != list(pieces):
+    # The server may prepend a BOS token, and may or may not list the token it generated after the prompt.
+    start = next((s for s in (0, 1) if list(tokens[s : s + n]) == list(pieces)), None)
+    if start is None or len(tokens) > start + n + 1:
         shown = clipped(repr(tokens[: min(len(tokens), 6)]), 60)
         raise ServedTeacherError(
             f"served teacher {url}: it tokenised the prompt otherwise than the student's tokenizer ({shown} "
             f"...); a served teacher must share the student's tokenizer"
         )
     rows = []
-    for entry in top[start + 1 : start + n + 1]:
+    first = start if shifted else start + 1
+    for position in range(first, first + n):
+        entry = top[position] if position < len(top) else {}  # past the prompt: read by no counted token
+        if shifted and position == start and entry is None:
+            entry = {}  # llama-cpp-python blanks the distribution after the first token
         if not isinstance(entry, Mapping):
             raise ServedTeacherError(f"served teacher {url}: a prompt position has no top_logprobs")
         rows.append(
@@ -225,9 +243,10 @@ def parse_openai(
 
 
 def text_to_id(decode: Callable[[list[int]], str], vocabulary: int) -> dict[str, int]:
-    """Text -> id for every id whose decoded text no other id shares (an ambiguous text is left out)."""
+    """Text -> id for every id whose decoded text no other id shares (an ambiguous text is left out, and so is
+    the empty text, which a server writes for a lone byte)."""
     seen: dict[str, int] = {}
-    ambiguous = set()
+    ambiguous = {""}
     for token in range(vocabulary):
         text = decode([token])
         if text in seen:
