@@ -96,6 +96,8 @@ REFUSED = [
     ("mixup", ["--seeds", "1"]),
     ("kd3", ["--quick"]),
     ("kd3", ["--seeds", "1"]),
+    ("signals", ["--quick"]),
+    ("search", ["--quick"]),
 ]
 
 

@@ -272,6 +272,44 @@ def cache(
     )
 
 
+@app.command()
+def search(
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="recipe YAML (or a built-in recipe's name)")
+    ],
+    candidates: Annotated[
+        Path, typer.Option("--candidates", help="YAML list of student configs ({name, params}) to rank")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="markdown file (default: search.md in the recipe's run folder)"),
+    ] = None,
+    teacher: Annotated[
+        str,
+        typer.Option("--teacher", help="random (the paper's random-init teacher) | trained (the recipe's)"),
+    ] = "random",
+    init: Annotated[
+        str, typer.Option("--init", help="gaussian (official N(0, 1) redraw) | default")
+    ] = "gaussian",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows of the scoring mini-batch")] = 64,
+    seed: Annotated[
+        int, typer.Option("--seed", help="seed of the batch and the random draws", min=0, max=MAX_SEED)
+    ] = 0,
+    repeats: Annotated[int, typer.Option("--repeats", help="random draws averaged per score")] = 1,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Rank candidate students for the recipe's teacher without training them (DisWOT, S18)."""
+    from distill.bench.search import SearchSettings, load_candidates, print_search, run_search
+
+    settings = SearchSettings(batch_size, teacher, init, seed, repeats)  # type: ignore[arg-type]
+    specs = load_candidates(candidates)
+    result = run_search(
+        load_checked(recipe, set_), specs, settings, out=out, progress=progress, console=console
+    )
+    print_search(result, console)
+
+
 register_list(app)  # `distill list`
 register_export(app)  # `distill export`, `distill predict`, `distill eval`
 
