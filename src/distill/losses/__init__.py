@@ -51,6 +51,7 @@ from distill.losses.relations import (
     similarity_preserving,
 )
 from distill.losses.sparse import SparseTargets, sparse_forward_kl, topk_targets
+from distill.losses.transitions import transition_alignment
 
 __all__ = [
     "SparseTargets",
@@ -95,4 +96,5 @@ __all__ = [
     "token_selective_kd",
     "topk_targets",
     "total_variation",
+    "transition_alignment",
 ]
