@@ -31,6 +31,8 @@ from distill.runfolder import RunFolder
 from distill.tasks import task_for
 from distill.tasks.teacher_cache import CacheSource
 from distill.tasks.teacher_store import teacher_spec_identity
+from distill.teachers import TeacherRequest
+from distill.teachers.served import ServedTeacher
 from distill.train.batches import split_batch
 
 DEFAULT_SHARD_ROWS = 1 << 16  # rows (samples or tokens) per shard, about k * 6 * 64k bytes
@@ -50,12 +52,26 @@ def recipe_temperature(recipe: Recipe) -> float:
     return temperatures.pop() if temperatures else 1.0
 
 
-def teacher_identity(recipe: Recipe, teacher: nn.Module) -> str:
-    """The teacher's spec and a hash of its weights: a cache is tied to both."""
+def teacher_identity(recipe: Recipe, teacher: nn.Module | ServedTeacher) -> str:
+    """The teacher's spec and a hash of its weights: a cache is tied to both. A served teacher's weights are
+    out of reach: its endpoint, model name and dialect stand for them."""
     from distill.sources.generations import model_fingerprint
 
     assert recipe.teacher is not None
+    if isinstance(teacher, ServedTeacher):
+        served = teacher.endpoint
+        return f"served-{fingerprint([served.url, served.model, served.protocol, served.top_k])}"
     return f"{fingerprint(teacher_spec_identity(recipe.teacher))}-{model_fingerprint(teacher)}"
+
+
+def _check_served(top_k: int, k: int | None, tail_draws: int | None, temperature: float | None) -> None:
+    """A served teacher gives its top_k at temperature 1, and no tail to draw from."""
+    if k is not None and not 0 < k <= top_k:
+        raise UserError(f"--top-k {k}: the served teacher gives its top {top_k} (teacher.served.top_k)")
+    if tail_draws:
+        raise UserError("--tail-draws: a served teacher gives only its top-k, no tail to draw from")
+    if temperature is not None and abs(temperature - 1.0) > 1e-9:
+        raise UserError("--temperature: a served teacher's log-probabilities are at temperature 1")
 
 
 def make_cache(
@@ -80,19 +96,25 @@ def make_cache(
     temperature = recipe_temperature(recipe) if temperature is None else temperature
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UserError("--temperature must be a positive number")
-    if recipe.teacher is None or recipe.teacher.name is None:
-        raise UserError("distill cache needs a recipe whose teacher is a model (teacher.name)")
+    if recipe.teacher is None or (recipe.teacher.name is None and recipe.teacher.served is None):
+        raise UserError("distill cache needs a recipe whose teacher is a model (teacher.name) or served")
+    if recipe.teacher.served is not None:
+        _check_served(recipe.teacher.served.top_k, k, tail_draws, temperature)
     with tempfile.TemporaryDirectory(prefix="distill-cache-") as workdir:
         source = task_for(recipe).cache_source(
             recipe, RunFolder(Path(workdir)), progress=progress, console=console
         )
     teacher = source.teacher
     assert teacher is not None
-    k, draws = default_slots(source.kind, k, source.vocab, tail_draws)
+    if isinstance(teacher, ServedTeacher):
+        k, draws = (teacher.endpoint.top_k if k is None else k), 0
+    else:
+        k, draws = default_slots(source.kind, k, source.vocab, tail_draws)
     per_sample_rows = 1 if source.kind == "classification" else None
     header = {
         "kind": source.kind,
         "teacher": teacher_identity(recipe, teacher),
+        **({"served": recipe.teacher.served.model_dump()} if recipe.teacher.served is not None else {}),
         "tokenizer": source.tokenizer,
         "data": source.data,
         "samples": len(source.train),  # type: ignore[arg-type]
@@ -120,7 +142,7 @@ def make_cache(
 def _fill(
     writer: CacheWriter,
     source: CacheSource,
-    teacher: nn.Module,
+    teacher: nn.Module | ServedTeacher,
     batch_size: int,
     k: int,
     draws: int,
@@ -134,9 +156,13 @@ def _fill(
     loader = DataLoader(
         remaining, batch_size=batch_size, collate_fn=getattr(source.train, "collate_fn", None)
     )
-    hooks = FeatureHooks(teacher, sorted(hidden), detach=True) if hidden else None
+    served = teacher if isinstance(teacher, ServedTeacher) else None
+    if served is not None and hidden:
+        raise UserError("--hidden: a served teacher gives only its top-k log-probabilities, no layer")
+    hooks = FeatureHooks(teacher, sorted(hidden), detach=True) if hidden and served is None else None
     generator = torch.Generator().manual_seed(start)  # a resumed cache draws its own, still seeded, samples
-    teacher.eval()
+    if served is None:
+        teacher.eval()
     bar = Progress(
         TextColumn("[bold]caching the teacher"),
         BarColumn(),
@@ -149,6 +175,16 @@ def _fill(
         task = bar.add_task("cache", total=len(source.train), completed=start)  # type: ignore[arg-type]
         for batch in loader:
             inputs, _, mask = split_batch(batch)
+            if served is not None:
+                topk = served.outputs(TeacherRequest(inputs=inputs, mask=mask)).topk
+                ids, logprobs, tail = topk.ids[:, :k], topk.logprobs[:, :k], topk.tail_logmass
+                if k < served.endpoint.top_k:  # the slots beyond k join the tail
+                    dropped = topk.logprobs[:, k:].double().exp().sum(-1)
+                    tail = torch.logaddexp(tail.double(), dropped.log()).float()
+                samples = len(inputs["input_ids"])
+                writer.add(ids, logprobs, tail, rows_per_sample(mask, samples))
+                bar.update(task, advance=samples)
+                continue
             logits = logits_of(call_model(teacher, inputs))
             rows = logits[mask] if mask is not None else logits
             if draws:

@@ -128,10 +128,39 @@ class TeacherTraining(Section):
         return self
 
 
+class ServedTeacherSpec(Section):
+    """A teacher reached over an OpenAI-compatible completions endpoint (`distill.teachers.served`): its
+    per-token top-k log-probabilities are the targets. Language models only; it must share the student's
+    tokenizer."""
+
+    url: str = Field(
+        max_length=2000,
+        pattern=r"^https?://\S+$",
+        description="the API base, e.g. http://127.0.0.1:8000/v1 (`/completions` is appended)",
+    )
+    model: str = Field(max_length=MAX_NAME * 3, description="the served model's name")
+    top_k: int = Field(default=20, ge=1, le=1000, description="log-probabilities per position")
+    protocol: Literal["vllm", "openai", "llama_cpp"] = Field(
+        default="vllm",
+        description="vllm (`prompt_logprobs`, token ids), openai (legacy echo + logprobs, text), or "
+        "llama_cpp (llama-cpp-python's server, whose echo entries are shifted by one)",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="seconds to wait for one answer")
+    retries: int = Field(default=3, ge=0, le=20, description="further tries after a transient failure")
+    backoff_s: float = Field(default=0.5, ge=0, le=60, description="first wait between tries; doubles")
+    api_key_env: str | None = Field(
+        default=None,
+        max_length=MAX_NAME,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable holding the API key (the key never goes in a recipe)",
+    )
+    prompts_per_request: int = Field(default=8, ge=1, le=1024, description="vllm: sequences per request")
+
+
 class TeacherSpec(ModelSpec):
     """The teacher: a model (`name`, `params`, `checkpoint`), or `cache`, a folder written by `distill cache`,
-    whose top-k targets replace the teacher (no model is loaded). With both, the cache must come from that
-    teacher."""
+    whose top-k targets replace the teacher (no model is loaded), or `served`, an endpoint that answers with
+    top-k log-probabilities. With a model and a cache, the cache must come from that teacher."""
 
     name: str | None = Field(  # type: ignore[assignment]
         default=None,
@@ -143,11 +172,18 @@ class TeacherSpec(ModelSpec):
         description="how to train the teacher when neither a checkpoint nor a trained model is given",
     )
     cache: Path | None = Field(default=None, description="a teacher cache folder (`distill cache`)")
+    served: ServedTeacherSpec | None = Field(
+        default=None, description="a teacher served over an OpenAI-compatible endpoint (language models)"
+    )
 
     @model_validator(mode="after")
     def _model_or_cache(self) -> TeacherSpec:
-        if self.name is None and self.cache is None:
-            raise ValueError("give the teacher's model (name) or a teacher cache (cache: DIR)")
+        if self.served is not None and (self.name is not None or self.cache is not None):
+            raise ValueError("a served teacher stands alone: drop the teacher's name and cache")
+        if self.name is None and self.cache is None and self.served is None:
+            raise ValueError(
+                "give the teacher's model (name), a teacher cache (cache: DIR) or a served teacher (served)"
+            )
         return self
 
 

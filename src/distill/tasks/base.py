@@ -71,6 +71,7 @@ class Task:
     name: str = "task"
     teacher_kinds: tuple[str, ...] = ()  # the `methods[].teacher` regimes it serves (`distill.tasks.regimes`)
     classifier_sources: tuple[str, ...] = ()  # the sources of `distill.tasks.classifier_sources` it takes
+    serves_served_teacher: bool = False  # a teacher over an endpoint (`teacher.served`): language models
 
     def claims(self, recipe: Recipe) -> bool:
         """True when this task serves a recipe that names no `task`."""
@@ -78,6 +79,11 @@ class Task:
 
     def check(self, recipe: Recipe) -> None:
         """Refuse, in one line, what this task cannot run (before any folder is made)."""
+        served = recipe.teacher is not None and recipe.teacher.served is not None
+        if served and not self.serves_served_teacher:
+            raise UserError(
+                f"task '{self.name}' cannot use a served teacher (teacher.served): it serves language models"
+            )
         sources = {m.source.name for m in recipe.method_list() if m.source is not None} | {recipe.source.name}
         other = sorted(sources - {"dataset", *self.classifier_sources})
         if other and other[0] in CLASSIFIER_SOURCES:
