@@ -98,6 +98,10 @@ REFUSED = [
     ("kd3", ["--seeds", "1"]),
     ("signals", ["--quick"]),
     ("search", ["--quick"]),
+    ("retrieval", ["--quick"]),
+    ("lm_tpa", ["--quick"]),
+    ("lm_gap", ["--quick"]),
+    ("vs_trl", ["--quick"]),
 ]
 
 
