@@ -102,6 +102,7 @@ REFUSED = [
     ("lm_tpa", ["--quick"]),
     ("lm_gap", ["--quick"]),
     ("vs_trl", ["--quick"]),
+    ("probes", ["--quick"]),
 ]
 
 
