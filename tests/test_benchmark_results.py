@@ -103,6 +103,7 @@ REFUSED = [
     ("lm_gap", ["--quick"]),
     ("vs_trl", ["--quick"]),
     ("probes", ["--quick"]),
+    ("generative", ["--quick"]),
 ]
 
 
