@@ -104,6 +104,7 @@ REFUSED = [
     ("vs_trl", ["--quick"]),
     ("probes", ["--quick"]),
     ("generative", ["--quick"]),
+    ("cross_tokenizer", ["--quick"]),
 ]
 
 

@@ -282,3 +282,95 @@ def test_a_recorded_server_error_is_one_line():
     message = str(raised.value)
     assert message.startswith("served teacher http://recorded/v1/completions: HTTP 400 This model's maximum")
     assert "\n" not in message
+
+
+# ------------------------------------------------------------------------- recipes with a served teacher
+
+
+def _served_recipe(tmp_path: Path, teacher: dict, out: str, objective: str = "forward_kl") -> dict:
+    from lm.lm_helpers import STUDENT
+
+    return {
+        "name": "lm-served",
+        "data": {
+            "name": "jsonl",
+            "params": {
+                "path": str(tmp_path / "train.jsonl"),
+                "tokenizer": str(tmp_path / "tok"),
+                "max_length": 48,
+            },
+            "batch_size": 8,
+            "eval_batch_size": 16,
+        },
+        "teacher": teacher,
+        "student": {"name": "hf", "params": {"config": STUDENT}},
+        "methods": [{"name": "kd", "objectives": [{"name": objective}]}],
+        "optimizer": {"lr": 0.005},
+        "trainer": {"epochs": 1, "threads": 1},
+        "seeds": [0],
+        "output": {"dir": str(tmp_path / out), "tensorboard": False},
+    }
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_from_a_served_teacher_live_and_through_a_cache(tmp_path):
+    """`teacher.served` in a recipe: the student trains on the server's top-k; `distill cache` stores the same
+    targets once, and a student trained from that cache follows the same path (same batches, same targets)."""
+    from distill.build_cache import make_cache
+    from distill.cache import TeacherCache
+    from distill.experiment import run_recipe
+    from distill.models.causal_lm import build_causal_lm, special_token_ids
+    from distill.recipe import recipe_from_dict
+    from lm.lm_helpers import TEACHER, addition_rows, bpe, write_jsonl
+
+    rows = addition_rows(32)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    tokenizer = bpe(rows)
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    model = build_causal_lm(
+        config=TEACHER, vocab_size=len(tokenizer), special_tokens=special_token_ids(tokenizer)
+    )
+    behaviour = Behaviour()
+    with serve(model.eval(), tokenizer, "vllm", behaviour) as url:
+        served = {"served": {"url": url, "model": "tiny", "top_k": 8, "prompts_per_request": 4}}
+        live = run_recipe(recipe_from_dict(_served_recipe(tmp_path, served, "live")), progress=False)
+        asked = len(behaviour.requests)
+        manifest = make_cache(
+            recipe_from_dict(_served_recipe(tmp_path, served, "c")),
+            tmp_path / "cache",
+            k=None,
+            progress=False,
+        )
+        with pytest.raises(UserError, match="needs the teacher's full logits"):
+            run_recipe(recipe_from_dict(_served_recipe(tmp_path, served, "dkd", "dkd")), progress=False)
+    assert asked >= 8  # 32 sequences, 4 per request, at least one epoch
+    assert manifest["k"] == 8 and manifest["temperature"] == 1.0 and manifest["served"]["model"] == "tiny"
+    assert TeacherCache(tmp_path / "cache").k == 8
+    cached = run_recipe(
+        recipe_from_dict(_served_recipe(tmp_path, {"cache": str(tmp_path / "cache")}, "cached")),
+        progress=False,
+    )
+    live_run, cached_run = live.methods[0].runs[0].result, cached.methods[0].runs[0].result
+    assert math.isfinite(live_run.final["loss"])
+    assert live_run.final["perplexity"] == pytest.approx(cached_run.final["perplexity"], rel=1e-3)
+
+
+def test_served_teacher_refusals_come_before_any_run(tmp_path):
+    from distill.recipe import recipe_from_dict
+    from distill.tasks import task_for
+
+    served = {"served": {"url": "http://127.0.0.1:9/v1", "model": "m"}}
+    recipe = _served_recipe(tmp_path, served, "x")
+    recipe["methods"][0]["source"] = {"name": "teacher_generations"}
+    with pytest.raises(UserError, match="a served teacher scores the data set's sequences"):
+        task_for(recipe_from_dict(recipe)).check(recipe_from_dict(recipe))
+    image = {
+        "name": "digits-served",
+        "data": {"name": "digits"},
+        "teacher": served,
+        "student": {"name": "mlp"},
+        "methods": [{"name": "kd", "objectives": [{"name": "hinton_kd"}]}],
+    }
+    with pytest.raises(UserError, match="cannot use a served teacher"):
+        task_for(recipe_from_dict(image)).check(recipe_from_dict(image))

@@ -229,9 +229,10 @@ def hf_model_factory(
     path: str | None = None,
     dtype: str | None = None,
     lora: dict[str, Any] | None = None,
-    tokenizer: str | None = None,
+    tokenizer: str | dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The `hf` zoo entry. `tokenizer` (a folder) is read by the recipe runner, not here."""
+    """The `hf` zoo entry. `tokenizer` (a folder, or `{bpe: {vocab_size: N}}` trained on the training split:
+    a teacher's own tokenizer) is read by the recipe runner, not here."""
     del input_shape, tokenizer
     return build_causal_lm(config=config, path=path, dtype=dtype, lora=lora, vocab_size=num_classes)
 

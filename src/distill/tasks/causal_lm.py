@@ -17,11 +17,20 @@ from torch import nn
 from distill.cache import IndexedDataset, TeacherCache
 from distill.data import build_data
 from distill.data.text import LMData, LMDataset
-from distill.data.tokenizers import load_tokenizer, shared_vocabulary, slice_logits
+from distill.data.token_alignment import Retokenizer
+from distill.data.tokenizers import (
+    describe,
+    load_tokenizer,
+    same_tokenizer,
+    shared_vocabulary,
+    slice_logits,
+)
 from distill.errors import UserError, shown
 from distill.io import atomic_write_json, cache_root, fingerprint, load_tensors
 from distill.models import count_parameters
 from distill.models.causal_lm import build_causal_lm, refuse_other_architectures, special_token_ids
+from distill.objectives import build_objective
+from distill.objectives.cross_tokenizer import CROSS_TOKENIZER_OBJECTIVES
 from distill.recipe.schema import MethodSpec, ModelSpec, Recipe, SourceSpec
 from distill.runfolder import RunFolder
 from distill.sources import ONPOLICY_SOURCES, SourcePlan
@@ -37,6 +46,9 @@ from distill.tasks.teacher_cache import (
 )
 from distill.tasks.teacher_store import fit_or_load_teacher, load_weights, teacher_spec_identity
 from distill.teachers import CachedTeacher
+from distill.teachers.cross_tokenizer import CrossTokenizerTeacher
+from distill.teachers.served import ServedTeacher
+from distill.teachers.served_protocol import Endpoint
 from distill.train import FitResult, Term
 from distill.train.seeding import seed_everything
 
@@ -47,10 +59,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 TEACHER_FORMAT = 1
 
 
-def _model_tokenizer(spec: ModelSpec | None) -> Any:
-    """The tokenizer a model spec names (`params.tokenizer`) or that its folder holds; None if neither."""
+def _model_tokenizer(spec: ModelSpec | None, *, trained_here: bool = False) -> Any:
+    """The tokenizer a model spec names (`params.tokenizer`, a folder) or that its folder holds; None if
+    neither. `trained_here`: a teacher's `{bpe: {...}}` is allowed (None here: `prepare_lm_run` trains it on
+    the data); a student's tokenizer trained here is the data's (`data.params.tokenizer`)."""
     if spec is None:
         return None
+    if isinstance(spec.params.get("tokenizer"), dict):
+        if trained_here:
+            return None
+        raise UserError(
+            "params.tokenizer {bpe: ...} is a teacher's own tokenizer; the student's tokenizer trained here "
+            "is data.params.tokenizer ({bpe: {vocab_size: N}}), or give a folder"
+        )
     if spec.params.get("tokenizer") is not None:
         return load_tokenizer(spec.params["tokenizer"])
     path = spec.params.get("path")  # anything but a string: `build_causal_lm` refuses it in one line
@@ -221,6 +242,38 @@ class LMSetup:
     vocabulary: int | None
     evaluator: LMEvaluator
     cache: TeacherCache | None = None  # the recipe's teacher cache, standing in for `teacher`
+    # A teacher with its own tokenizer (cross-tokenizer objectives): how it reads the student's batches.
+    retokenizer: Retokenizer | None = None
+    served: ServedTeacher | None = None  # a teacher behind an endpoint (`teacher.served`), standing in
+
+
+def _cross_tokenizer_methods(recipe: Recipe, student: Any, teacher: Any) -> list[str]:
+    """The methods that distil across the two tokenizers (with `uld` / `aligned_kd`). Any other method that
+    needs the teacher is refused, as are sources and caches that need the teacher in the student's tokens;
+    an empty list (no cross-tokenizer objective at all) leaves the refusal to `shared_vocabulary`."""
+    methods = recipe.method_list()
+    crossing = [m.name for m in methods if any(o.name in CROSS_TOKENIZER_OBJECTIVES for o in m.objectives)]
+    if not crossing:
+        return []
+    where = f"teacher tokenizer {describe(teacher)} and student tokenizer {describe(student)} differ"
+    if recipe.teacher is not None and recipe.teacher.cache is not None:
+        raise UserError(f"{where}: a teacher cache needs one shared tokenizer; run the teacher live")
+    for method in methods:
+        source = method.source or recipe.source
+        if source.name != "dataset" and method.name in crossing:
+            raise UserError(
+                f"method '{method.name}': {where}; cross-tokenizer objectives read the data set's text "
+                f"(source 'dataset'), not '{source.name}'"
+            )
+        for term in method.objectives:
+            if term.name in CROSS_TOKENIZER_OBJECTIVES:
+                continue
+            if build_objective(term.name, term.params).needs_teacher:
+                raise UserError(
+                    f"method '{method.name}': objective '{term.name}' compares logits over one shared "
+                    f"vocabulary, but the {where}; use {' or '.join(CROSS_TOKENIZER_OBJECTIVES)}"
+                )
+    return crossing
 
 
 def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, console: Console) -> LMSetup:
@@ -229,7 +282,7 @@ def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, 
     run_folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
     out_dir = run_folder.path
     student_tokenizer = _model_tokenizer(recipe.student)
-    teacher_tokenizer = _model_tokenizer(recipe.teacher)
+    teacher_tokenizer = _model_tokenizer(recipe.teacher, trained_here=True)
     params = dict(recipe.data.params)
     if student_tokenizer is not None:
         params["tokenizer"] = student_tokenizer
@@ -244,7 +297,22 @@ def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, 
     if not isinstance(data, LMData):
         raise UserError(f"data '{recipe.data.name}' is not a language-model data set")
     tokenizer = data.tokenizer
+    teacher_data = None  # the same text in the teacher's tokens, when its tokenizer is its own
+    if recipe.teacher is not None and isinstance(recipe.teacher.params.get("tokenizer"), dict):
+        teacher_data = _teacher_data(recipe, params, recipe.teacher.params["tokenizer"])  # trained here
+        teacher_tokenizer = teacher_data.tokenizer
+    crossing = (
+        teacher_tokenizer is not None
+        and not same_tokenizer(teacher_tokenizer, tokenizer)
+        and bool(_cross_tokenizer_methods(recipe, tokenizer, teacher_tokenizer))
+    )
+    if crossing and teacher_data is None:
+        teacher_data = _teacher_data(recipe, params, teacher_tokenizer)
     console.print(f"[bold]{recipe.name}[/] -> {out_dir}\n{data.description}")
+    if recipe.teacher is not None and recipe.teacher.served is not None:
+        return _prepare_served(recipe, data, console)
+    if crossing:
+        return _prepare_cross_tokenizer(recipe, data, teacher_data, run_folder, progress, console)
 
     evaluator = LMEvaluator(data, batch_size=recipe.data.eval_batch_size)
     # Tokenizers and vocabulary sizes are checked before any teacher is trained or loaded.
@@ -283,8 +351,74 @@ def prepare_lm_run(recipe: Recipe, folder: RunFolder | Path, *, progress: bool, 
     return LMSetup(data, tokenizer, teacher, teacher_info, vocabulary, evaluator)
 
 
+def _prepare_served(recipe: Recipe, data: LMData, console: Console) -> LMSetup:
+    """A teacher behind an endpoint (`distill.teachers.served`): it shares the student's tokenizer, so the
+    vocabulary is the student's; nothing is trained or loaded here."""
+    assert recipe.teacher is not None and recipe.teacher.served is not None
+    served = recipe.teacher.served
+    evaluator = LMEvaluator(data, batch_size=recipe.data.eval_batch_size)
+    probe = build_lm_model(recipe.student, data.tokenizer, "student")
+    check_context(probe, data, "student")
+    vocabulary = shared_vocabulary(None, data.tokenizer, None, probe)
+    del probe
+    teacher = ServedTeacher(Endpoint(**served.model_dump()), data.tokenizer, vocabulary)
+    console.print(f"served teacher: {served.model} at {served.url} ({served.protocol}, top-{served.top_k})")
+    info = TeacherInfo("served", 0, {}, 0.0, [])
+    return LMSetup(data, data.tokenizer, None, info, vocabulary, evaluator, served=teacher)
+
+
+def _teacher_data(recipe: Recipe, params: dict[str, Any], tokenizer: Any) -> LMData:
+    """The recipe's data in the teacher's tokens (a tokenizer, a folder, or `{bpe: ...}` trained here on the
+    training split): what a teacher with its own tokenizer trains and is evaluated on."""
+    data = build_data(recipe.data.name, **{**params, "tokenizer": tokenizer})
+    if not isinstance(data, LMData):
+        raise UserError(f"data '{recipe.data.name}' is not a language-model data set")
+    return data
+
+
+def _prepare_cross_tokenizer(
+    recipe: Recipe,
+    data: LMData,
+    teacher_data: LMData,
+    folder: RunFolder,
+    progress: bool,
+    console: Console,
+) -> LMSetup:
+    """A teacher with its own tokenizer: trained (or loaded) on the text in its own tokens, evaluated there,
+    and wrapped so that it reads each student batch's text in its tokens (`CrossTokenizerTeacher`)."""
+    assert recipe.teacher is not None
+    tokenizer, teacher_tokenizer = data.tokenizer, teacher_data.tokenizer
+    console.print(
+        f"cross-tokenizer: teacher tokenizer {describe(teacher_tokenizer)}, student {describe(tokenizer)}"
+    )
+    evaluator = LMEvaluator(data, batch_size=recipe.data.eval_batch_size)
+    teacher_evaluator = LMEvaluator(teacher_data, batch_size=recipe.data.eval_batch_size)
+    probe = build_lm_model(recipe.student, tokenizer, "student")
+    check_context(probe, data, "student")
+    vocabulary = shared_vocabulary(None, tokenizer, None, probe)
+    del probe
+    from_folder = recipe.teacher.params.get("path") is not None
+    if not from_folder:
+        check_context(
+            build_lm_model(recipe.teacher, teacher_tokenizer, "teacher", for_training=True),
+            teacher_data,
+            "teacher",
+        )
+    teacher, teacher_info = obtain_lm_teacher(recipe, teacher_data, folder, progress, teacher_evaluator)
+    slice_logits(teacher, shared_vocabulary(None, teacher_tokenizer, None, teacher))
+    if not teacher_info.metrics:
+        teacher_info.metrics = teacher_evaluator(teacher)
+    teacher.eval().requires_grad_(False)
+    positions = getattr(getattr(teacher, "config", None), "max_position_embeddings", None)
+    retokenizer = Retokenizer.for_pair(
+        tokenizer, teacher_tokenizer, positions if isinstance(positions, int) else None
+    )
+    return LMSetup(data, tokenizer, teacher, teacher_info, vocabulary, evaluator, retokenizer=retokenizer)
+
+
 class CausalLMTask(Task):
     name = "causal_lm"
+    serves_served_teacher = True
 
     def claims(self, recipe: Recipe) -> bool:
         """A recipe is a language model's when its data set or its student is one."""
@@ -296,8 +430,14 @@ class CausalLMTask(Task):
         for spec, role in ((recipe.student, "student"), (recipe.teacher, "teacher")):
             refuse_other_models(spec, role)
             refuse_other_folders(spec, role)
+        served = recipe.teacher is not None and recipe.teacher.served is not None
         for method in recipe.method_list():
             source = method.source or recipe.source
+            if served and source.name != "dataset":
+                raise UserError(
+                    f"method '{method.name}': a served teacher scores the data set's sequences; source "
+                    f"'{source.name}' needs a local teacher"
+                )
             if source.name not in LM_SOURCES:
                 raise UserError(
                     f"method '{method.name}': source '{source.name}' serves classifiers; a language model "
@@ -312,6 +452,10 @@ class CausalLMTask(Task):
     def prepare(self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console) -> TaskSetup:
         lm = prepare_lm_run(recipe, folder, progress=progress, console=console)
         teacher: Any = CachedTeacher(lm.cache) if lm.cache is not None else lm.teacher
+        if lm.served is not None:
+            teacher = lm.served
+        if lm.retokenizer is not None and lm.teacher is not None:
+            teacher = CrossTokenizerTeacher(lm.teacher, lm.retokenizer)
         return TaskSetup(
             lm.data,
             lm.data.train,
@@ -397,10 +541,15 @@ class CausalLMTask(Task):
         self, recipe: Recipe, folder: RunFolder, *, progress: bool, console: Console
     ) -> CacheSource:
         lm = prepare_lm_run(recipe, folder, progress=progress, console=console)
-        assert lm.teacher is not None
+        teacher: Any = lm.served if lm.served is not None else lm.teacher
+        assert teacher is not None
+        if lm.retokenizer is not None:
+            raise UserError(
+                "a teacher with its own tokenizer cannot be cached; it runs live (uld, aligned_kd)"
+            )
         return CacheSource(
             lm.data.train,
-            lm.teacher,
+            teacher,
             lm.teacher_info,
             "lm",
             lm.vocabulary or len(lm.tokenizer),
