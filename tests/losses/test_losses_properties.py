@@ -90,6 +90,8 @@ def test_every_public_loss_is_covered() -> None:
     # the fused large-vocabulary and sparse-target losses have their own suites (test_fused_linear, _sparse)
     helpers |= {"SparseTargets", "topk_targets", "sparse_forward_kl", "fused_linear_divergence"}
     helpers |= {"linear_divergence_reference"}
+    # a loss over consecutive positions (not a per-row divergence): tests/losses/test_transitions.py
+    helpers |= {"transition_alignment"}
     # feature and relation losses: tests/losses/test_feature_losses.py, tests/test_feature_numerics.py
     helpers |= set(FEATURE_LOSSES)
     assert set(L.__all__) - helpers <= covered, set(L.__all__) - helpers - covered
