@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from distill.data.paths import data_path
 from distill.data.token_alignment import token_bytes
 from distill.experiment import run_recipe
 from distill.recipe.load import recipe_from_dict
-from distill.tables import markdown_table
+from distill.tables import markdown_table, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -209,10 +208,6 @@ def run(spec: dict[str, Any], console: Console) -> Run:
         bytes_per_token(params, teacher_tokenizer),
         (teacher.parameters, result.student_parameters),
     )
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def verdict(row: list[float], base: list[float]) -> str:

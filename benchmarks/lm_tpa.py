@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.tables import mean_std, pm
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _results import command_line, out_help, output_file, write_results  # noqa: E402  (the results-file rule)
@@ -145,13 +147,11 @@ def run(
 
 
 def _mean_std(values: list[float], digits: int = 3) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return pm(values, digits=digits)
 
 
 def _spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean_std(values)[1]
 
 
 def verdict(tpa: list[float], kd: list[float]) -> tuple[str, str]:

@@ -482,11 +482,9 @@ def measure(
 
 
 def _mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    from distill.tables import pm  # lazily: a TRL child process imports nothing of distill's
+
+    return pm(values, digits=digits)
 
 
 def _column(cells: list[dict[str, Any]], key: str) -> list[float]:
