@@ -176,7 +176,13 @@ def matched_jsd(log_t: Tensor, log_s: Tensor, beta: float) -> Tensor:
         return _plogp_ratio(log_t, log_s)
     if beta == 1:
         return _plogp_ratio(log_s, log_t)
-    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    # Where both sides are -inf, logaddexp's gradient is NaN (exp(-inf - -inf)): give it zeros there, and
+    # m its true -inf after.
+    empty = torch.isneginf(log_t) & torch.isneginf(log_s)
+    zero = torch.zeros((), dtype=log_t.dtype, device=log_t.device)
+    log_m = torch.logaddexp(
+        torch.where(empty, zero, log_t + math.log(beta)), torch.where(empty, zero, log_s + math.log1p(-beta))
+    ).masked_fill(empty, -math.inf)
     return beta * _plogp_ratio(log_t, log_m) + (1 - beta) * _plogp_ratio(log_s, log_m)
 
 
