@@ -16,8 +16,8 @@ from distill.errors import UserError
 from distill.teachers.base import TeacherRequest
 from distill.teachers.served import ServedTeacher, distinct_unused_slots
 from distill.teachers.served_protocol import Endpoint, ServedTeacherError, call_endpoint, text_to_id
-from lm.lm_helpers import lm_fixture
-from lm.served_server import Behaviour, serve
+from lm_helpers import lm_fixture
+from served_server import Behaviour, serve
 
 K = 5
 
@@ -164,7 +164,7 @@ def test_the_api_key_comes_from_the_environment(fixture, monkeypatch):
 
 
 def test_a_server_with_another_tokenizer_is_refused(fixture):
-    from lm.lm_helpers import bpe
+    from lm_helpers import bpe
 
     data, teacher, batch = fixture
     other = bpe(vocab_size=261)
@@ -288,7 +288,7 @@ def test_a_recorded_server_error_is_one_line():
 
 
 def _served_recipe(tmp_path: Path, teacher: dict, out: str, objective: str = "forward_kl") -> dict:
-    from lm.lm_helpers import STUDENT
+    from lm_helpers import STUDENT
 
     return {
         "name": "lm-served",
@@ -321,7 +321,7 @@ def test_a_recipe_trains_from_a_served_teacher_live_and_through_a_cache(tmp_path
     from distill.experiment import run_recipe
     from distill.models.causal_lm import build_causal_lm, special_token_ids
     from distill.recipe import recipe_from_dict
-    from lm.lm_helpers import TEACHER, addition_rows, bpe, write_jsonl
+    from lm_helpers import TEACHER, addition_rows, bpe, write_jsonl
 
     rows = addition_rows(32)
     write_jsonl(tmp_path / "train.jsonl", rows)
