@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_helpers import lm_fixture
+from served_server import Behaviour, serve
 from torch.utils.data import DataLoader
 
 from distill.cache.targets import topk_rows
@@ -16,8 +18,6 @@ from distill.errors import UserError
 from distill.teachers.base import TeacherRequest
 from distill.teachers.served import ServedTeacher, distinct_unused_slots
 from distill.teachers.served_protocol import Endpoint, ServedTeacherError, call_endpoint, text_to_id
-from lm_helpers import lm_fixture
-from served_server import Behaviour, serve
 
 K = 5
 
@@ -316,12 +316,13 @@ def _served_recipe(tmp_path: Path, teacher: dict, out: str, objective: str = "fo
 def test_a_recipe_trains_from_a_served_teacher_live_and_through_a_cache(tmp_path):
     """`teacher.served` in a recipe: the student trains on the server's top-k; `distill cache` stores the same
     targets once, and a student trained from that cache follows the same path (same batches, same targets)."""
+    from lm_helpers import TEACHER, addition_rows, bpe, write_jsonl
+
     from distill.build_cache import make_cache
     from distill.cache import TeacherCache
     from distill.experiment import run_recipe
     from distill.models.causal_lm import build_causal_lm, special_token_ids
     from distill.recipe import recipe_from_dict
-    from lm_helpers import TEACHER, addition_rows, bpe, write_jsonl
 
     rows = addition_rows(32)
     write_jsonl(tmp_path / "train.jsonl", rows)
