@@ -484,6 +484,8 @@ def measure(
 def _mean_std(values: list[float], digits: int) -> str:
     from distill.tables import pm  # lazily: a TRL child process imports nothing of distill's
 
+    if len(values) == 1:  # one seed (the quick run): the value alone, which tests read back as a number
+        return f"{values[0]:.{digits}f}"
     return pm(values, digits=digits)
 
 
