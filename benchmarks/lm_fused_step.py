@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _child import run_under_gnu_time  # noqa: E402  (one process per cell)
 from _results import command_line, out_help, output_file, write_results  # noqa: E402  (the results-file rule)
 
 VOCABS = (32768, 131072)
@@ -117,19 +116,7 @@ def run_cell(mode: str, loss: str, vocab: int, tokens: int) -> dict:
 def measure(mode: str, loss: str, vocab: int, tokens: int, timeout: int) -> dict:
     """Run one cell in a fresh process under GNU time; its JSON plus GNU time's max RSS."""
     command = [sys.executable, __file__, "--child", mode, loss, str(vocab), str(tokens)]
-    gnu_time = Path("/usr/bin/time")
-    if gnu_time.exists():
-        command = [str(gnu_time), "-v", *command]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout} s"}
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    result["gnu_time_mb"] = int(found.group(1)) / 1024 if found else None
-    return result
+    return run_under_gnu_time(command, timeout, error_chars=120)
 
 
 def row(vocab: int, loss: str, mode: str, cell: dict, dense: dict) -> str:

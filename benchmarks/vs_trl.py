@@ -34,10 +34,8 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _child import run_under_gnu_time  # noqa: E402  (one process per cell)
 from _results import command_line, out_help, output_file, write_results  # noqa: E402  (the results-file rule)
 
 FRAMEWORKS = ("distill", "trl")
@@ -454,28 +453,7 @@ def measure(
     """One cell in a fresh process under GNU time: its JSON plus GNU time's maximum RSS and wall time."""
     command = [sys.executable, __file__, "--child", framework, objective, str(seed), str(folder), str(out)]
     command += (["--quick"] if quick else []) + list(flags)
-    gnu_time = Path("/usr/bin/time")
-    if gnu_time.exists():
-        command = [str(gnu_time), "-v", *command]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout} s"}
-    if done.returncode != 0:
-        lines = [
-            line
-            for line in done.stderr.strip().splitlines()
-            if not line.startswith(("\t", "Command exited", "Command terminated"))
-        ]
-        return {"error": (lines or ["failed"])[-1][:160]}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    result["gnu_time_mb"] = int(found.group(1)) / 1024 if found else None
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr)
-    if wall:
-        parts = [float(p) for p in wall.group(1).split(":")]
-        result["process_seconds"] = sum(p * 60**i for i, p in enumerate(reversed(parts)))
-    return result
+    return run_under_gnu_time(command, timeout)
 
 
 # ---------------------------------------------------------------- tables
