@@ -34,7 +34,8 @@ Constants from the official code (`pretrain.sh`, `models_mae_distill.py`, `main_
   `mlp-1layer` (Linear -> GELU -> Linear, hidden = teacher width) is `projector="mlp"`.
 * weight 1 (the distance is added to the MAE loss unscaled); mask ratio 0.75. Training (not this
   module's business; `benchmarks/dmae.py` follows it where it can): AdamW betas (0.9, 0.95), weight decay
-  0.05 except biases and norms (timm's `add_weight_decay`; the benchmark decays every parameter), base lr
+  0.05 except biases and norms (timm's `add_weight_decay`; a recipe's
+  `optimizer.decay_biases_and_norms: false`; the committed benchmark run decays every parameter), base lr
   1.5e-4 x batch / 256 (batch 4096: lr 2.4e-3), 20 warm-up epochs then cosine, 100 epochs.
 
 Deviations and choices here:

@@ -545,6 +545,12 @@ class OptimizerSpec(Section):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only")
     nesterov: bool = Field(default=False, description="SGD only: Nesterov momentum")
     betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="AdamW only: its running averages")
+    decay_biases_and_norms: bool = Field(
+        default=True,
+        exclude_if=lambda decays: decays,  # the default dumps as before the setting existed (see `unset`)
+        description="false: no weight decay on biases and normalisation weights (every parameter of one "
+        "dimension), as BERT, MAE and timm train",
+    )
 
 
 class ScheduleSpec(Section):

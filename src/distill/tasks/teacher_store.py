@@ -39,6 +39,7 @@ def optimizer_config(spec: Any) -> OptimizerConfig:
         momentum=spec.momentum,
         nesterov=spec.nesterov,
         betas=tuple(spec.betas),
+        decay_biases_and_norms=spec.decay_biases_and_norms,
     )
 
 

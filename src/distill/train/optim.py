@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
 
 OptimizerName = Literal["adamw", "sgd"]
 ScheduleName = Literal["constant", "cosine", "step"]
@@ -21,6 +20,8 @@ class OptimizerConfig:
     momentum: float = 0.9  # SGD only
     nesterov: bool = False  # SGD only
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    # False: biases and normalisation weights (every parameter of one dimension or none) get no weight decay
+    decay_biases_and_norms: bool = True
 
 
 @dataclass
@@ -32,7 +33,26 @@ class ScheduleConfig:
     gamma: float = 0.1
 
 
-def build_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+def without_decay_on_vectors(params: list[Any]) -> list[dict[str, Any]]:
+    """Each parameter group split in two: its matrices and kernels keep their weight decay, its vectors and
+    scalars (biases, LayerNorm / BatchNorm weights, which BERT, MAE and timm leave undecayed) get none."""
+    groups = params if all(isinstance(g, dict) for g in params) else [{"params": params}]
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        members = list(group["params"])
+        decayed = [p for p in members if p.ndim > 1]
+        undecayed = [p for p in members if p.ndim <= 1]
+        if decayed or not undecayed:
+            split.append({**group, "params": decayed})
+        if undecayed:
+            split.append({**group, "params": undecayed, "weight_decay": 0.0})
+    return split
+
+
+def build_optimizer(params: list[Any], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """`params`: parameters or parameter groups (dicts), as torch's optimizers take them."""
+    if not config.decay_biases_and_norms:
+        params = without_decay_on_vectors(params)
     if config.name == "sgd":
         return torch.optim.SGD(
             params,
