@@ -38,7 +38,7 @@ from distill.data.paths import data_path
 from distill.data.token_alignment import token_bytes
 from distill.experiment import run_recipe
 from distill.recipe.load import recipe_from_dict
-from distill.tables import markdown_table, mean_std
+from distill.tables import gain_and_spread, markdown_table, mean_std, noise_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -211,12 +211,10 @@ def run(spec: dict[str, Any], console: Console) -> Run:
 
 
 def verdict(row: list[float], base: list[float]) -> str:
-    """Lower is better; beyond noise when the difference of means exceeds twice its standard error."""
-    (m, s), (mb, sb) = mean_std(row), mean_std(base)
-    error = math.sqrt(s**2 / len(row) + sb**2 / len(base))
-    if abs(m - mb) <= 2 * error:
-        return "within noise"
-    return "better" if m < mb else "worse"
+    """The project's rule (`distill.tables.noise_verdict`) with lower bits per character better: beyond
+    noise when the difference of means exceeds the sum of the two standard deviations."""
+    gain, spread = gain_and_spread(base, row)  # base - row: positive when the row has fewer bits
+    return noise_verdict(gain, spread)
 
 
 def choose_lambdas(
@@ -380,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- Lambda (weight of the KD term beside CE, weight 1) chosen per objective from "
             f"{settings.grid} on the validation split (seed 0; table below).",
             f"- Seeds {seeds}; mean ± std of the last epoch. 'vs alone': better / worse when the difference "
-            "of means is beyond twice its standard error, else within noise.",
+            "of means is beyond the sum of the two standard deviations, else within noise.",
             "- Bits per character: the held-out cross-entropy summed over counted tokens, divided by the "
             "characters those tokens spell, / ln 2 (the text is ASCII: bytes = characters).",
             "",
