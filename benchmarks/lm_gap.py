@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.tables import mean_std, pm
+from distill.tables import claim_verdict, gain_and_spread, pm, std_of
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -156,20 +156,12 @@ def run_gap(teacher: str, *, quick: bool, seeds: list[int], baseline: bool, out:
     }
 
 
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    return pm(values, digits=digits)
-
-
-def _spread(values: list[float]) -> float:
-    return mean_std(values)[1]
-
-
 def verdict(gaps: list[dict[str, Any]]) -> tuple[str, str]:
     """TAID's claim at the largest gap against forward KL, by the seeds' spread: (mark, explanation)."""
     largest = gaps[-1]["methods"]
     taid, kl = largest["TAID"]["ce"], largest["forward KL"]["ce"]
-    difference = statistics.mean(taid) - statistics.mean(kl)
-    noise = _spread(taid) + _spread(kl)
+    gain, noise = gain_and_spread(kl, taid)  # forward KL - TAID: positive when TAID's CE is lower
+    difference = -gain
     kl_means = [statistics.mean(g["methods"]["forward KL"]["ce"]) for g in gaps]
     best = min(range(len(gaps)), key=lambda i: kl_means[i])
     degrades = kl_means[-1] - kl_means[best]
@@ -179,13 +171,7 @@ def verdict(gaps: list[dict[str, Any]]) -> tuple[str, str]:
     )
     if len(taid) < 2:
         return "within noise", f"one seed only: TAID - forward KL = {difference:+.3f} nats; {kl_note}"
-    if difference < -noise:
-        mark = "reproduced"
-    elif difference > noise:
-        mark = "not reproduced"
-    else:
-        mark = "within noise"
-    return mark, (
+    return claim_verdict(gain, noise), (
         f"TAID - forward KL at the largest gap = {difference:+.3f} nats held-out CE (sum of the two seed "
         f"stds {noise:.3f}); {kl_note}"
     )
@@ -205,7 +191,7 @@ def table(gaps: list[dict[str, Any]]) -> str:
         ]
         for name in names:
             runs = gap["methods"].get(name) or (baseline if name == BASELINE else None)
-            cells.append(_mean_std(runs["ce"]) if runs else "-")
+            cells.append(pm(runs["ce"]) if runs else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -215,7 +201,7 @@ def kl_table(gaps: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for gap in gaps:
         lines.append(
-            "| " + " | ".join([gap["teacher"], *(_mean_std(gap["methods"][n]["kl"]) for n in METHODS)]) + " |"
+            "| " + " | ".join([gap["teacher"], *(pm(gap["methods"][n]["kl"]) for n in METHODS)]) + " |"
         )
     return "\n".join(lines)
 
@@ -232,7 +218,7 @@ def plot(gaps: list[dict[str, Any]], path: Path, title: str) -> None:
     figure, (students, teachers) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(2, 1))
     for name in METHODS:
         means = [statistics.mean(g["methods"][name]["ce"]) for g in gaps]
-        spreads = [_spread(g["methods"][name]["ce"]) for g in gaps]
+        spreads = [std_of(g["methods"][name]["ce"]) for g in gaps]
         students.errorbar(sizes, means, yerr=spreads, marker="o", capsize=3, label=name, color=COLOURS[name])
     baseline = gaps[0]["methods"].get(BASELINE)
     if baseline:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.tables import mean_std, pm
+from distill.tables import claim_verdict, gain_and_spread, pm, std_of
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -146,18 +146,10 @@ def run(
     }
 
 
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    return pm(values, digits=digits)
-
-
-def _spread(values: list[float]) -> float:
-    return mean_std(values)[1]
-
-
 def verdict(tpa: list[float], kd: list[float]) -> tuple[str, str]:
     """The paper's claim (TPA + KD beats vanilla KD) by the seeds' spread: (mark, explanation)."""
-    difference = statistics.mean(tpa) - statistics.mean(kd)
-    noise = _spread(tpa) + _spread(kd)
+    gain, noise = gain_and_spread(kd, tpa)  # KD - TPA: positive when TPA's CE is lower
+    difference = -gain
     paired = ", ".join(f"{a - b:+.4f}" for a, b in zip(tpa, kd, strict=True))
     why = (
         f"KD + TPA - vanilla KD = {difference:+.4f} nats held-out CE (sum of the two seed stds {noise:.4f}; "
@@ -165,11 +157,8 @@ def verdict(tpa: list[float], kd: list[float]) -> tuple[str, str]:
     )
     if len(tpa) < 2:
         return "within noise", "one seed only: " + why
-    if difference < -noise:
-        return "reproduced", why
-    if difference > noise:
-        return "not reproduced", why + "; worse than vanilla KD beyond noise"
-    return "within noise", why
+    mark = claim_verdict(gain, noise)
+    return mark, why + ("; worse than vanilla KD beyond noise" if mark == "not reproduced" else "")
 
 
 def carve_validation(source: Path, folder: Path) -> Path:
@@ -188,8 +177,8 @@ def plot(ce: dict[str, list[float]], names: list[str], path: Path, title: str) -
 
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
     means = [statistics.mean(ce[n]) for n in names]
-    axis.barh(names, means, xerr=[_spread(ce[n]) for n in names], color=["0.6", "C0", "C3"], capsize=4)
-    spreads = [_spread(ce[n]) for n in names]
+    axis.barh(names, means, xerr=[std_of(ce[n]) for n in names], color=["0.6", "C0", "C3"], capsize=4)
+    spreads = [std_of(ce[n]) for n in names]
     margin = max(max(spreads), 0.005)
     axis.set_xlim(min(means) - 3 * margin, max(m + s for m, s in zip(means, spreads, strict=True)) + margin)
     axis.set_xlabel("student held-out cross-entropy (nats / token, lower is better)")
@@ -238,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(ce, [BASELINE, KD, TPA], image, "TPA + KD against vanilla KD (tiny-shakespeare)")
     kd_mean = statistics.mean(ce[KD])
     rows = "\n".join(
-        f"| {name} | {_mean_std(values, 4)} | {math.exp(statistics.mean(values)):.2f} | "
+        f"| {name} | {pm(values, 4)} | {math.exp(statistics.mean(values)):.2f} | "
         f"{statistics.mean(values) - kd_mean:+.4f} |"
         for name, values in ce.items()
     )

@@ -57,3 +57,11 @@ def test_objective_text() -> None:
     assert tables.objective_text(kd) == "0.9 x hinton_kd(temperature=4.0), weight warm-up 5 epochs"
     ce = {"name": "cross_entropy", "weight": 1.0, "params": None}
     assert tables.objective_text(ce) == "1 x cross_entropy"
+
+
+def test_claim_verdict_names_a_paper_claim_by_the_noise_rule() -> None:
+    assert tables.claim_verdict(1.0, 0.5) == "reproduced"
+    assert tables.claim_verdict(-1.0, 0.5) == "not reproduced"
+    assert tables.claim_verdict(0.4, 0.5) == "within noise"
+    assert tables.claim_verdict(math.nan, 0.5) == "-"
+    assert tables.std_of([1.0, 3.0]) == tables.mean_std([1.0, 3.0])[1]

@@ -38,6 +38,11 @@ def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2, empty: str 
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def std_of(values: Sequence[float]) -> float:
+    """The standard deviation `mean_std` reports (error bars, spreads)."""
+    return mean_std(values)[1]
+
+
 def gain_and_spread(
     values: Sequence[float], base: Sequence[float], scale: float = 1.0
 ) -> tuple[float, float]:
@@ -57,6 +62,15 @@ def noise_verdict(gain: float, spread: float) -> str:
     if gain < -spread:
         return WORSE
     return WITHIN_NOISE
+
+
+CLAIMS = {BETTER: "reproduced", WORSE: "not reproduced", WITHIN_NOISE: "within noise"}
+
+
+def claim_verdict(gain: float, spread: float) -> str:
+    """A paper's claim that its method gains, judged by `noise_verdict`: 'reproduced' (a gain beyond the
+    spread), 'not reproduced' (a loss beyond it) or 'within noise' ('-' when either is unknown)."""
+    return CLAIMS.get(noise_verdict(gain, spread), "-")
 
 
 def objective_text(objective: dict[str, Any]) -> str:
