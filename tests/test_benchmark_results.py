@@ -105,6 +105,7 @@ REFUSED = [
     ("probes", ["--quick"]),
     ("generative", ["--quick"]),
     ("cross_tokenizer", ["--quick"]),
+    ("lm_privacy", ["--quick"]),
 ]
 
 

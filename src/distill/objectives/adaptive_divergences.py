@@ -197,28 +197,51 @@ class AdaKDObjective(Objective):
 
 
 class SwingObjective(Objective):
-    """Swing distillation; the noise seed advances with the optimizer step (kept in a buffer)."""
+    """Swing distillation; the noise seed advances with the optimizer step (kept in a buffer).
 
-    def __init__(self, *, seed: int = 0, **params: Any) -> None:
+    ``privacy`` says where each token's privacy likelihood comes from: ``teacher`` (the loss's proxy, the
+    teacher's top-1 probability) or ``data`` (the data set's per-token scores, the batch key ``privacy``
+    that reaches the step as ``StepOutputs.row_data``; `distill.data.canaries` computes them)."""
+
+    PRIVACY_SOURCES = ("teacher", "data")
+    ROW_KEY = "privacy"
+
+    def __init__(self, *, seed: int = 0, privacy: str = "teacher", **params: Any) -> None:
         super().__init__()
         check_params(
             "swing_kd", losses.swing_kd, params, reserved={"mask", "reduction", "privacy_scores", "seed"}
         )
         seed = whole_number("swing_kd", "seed", seed, 0, MAX_SEED)
+        if privacy not in self.PRIVACY_SOURCES:
+            raise ParamError("swing_kd", "privacy", f"must be teacher or data, got {shown(privacy)}")
         if "temperature" in params:
             positive_number("swing_kd", "temperature", params["temperature"])
         for key in ("swing", "noise_scale"):
             if key in params:
                 number_in("swing_kd", key, params[key], 0.0)
         self.params = params
+        self.privacy = privacy
+        self.row_keys = (self.ROW_KEY,) if privacy == "data" else ()
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+
+    def _scores(self, outputs: StepOutputs) -> Tensor | None:
+        if self.privacy == "teacher":
+            return None
+        scores = outputs.row_data.get(self.ROW_KEY)
+        if scores is None:
+            raise UserError(
+                "objective 'swing_kd' has privacy: data but the batch has no 'privacy' scores "
+                "(use a data set that supplies them, e.g. tinyshakespeare_canaries)"
+            )
+        return scores
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         return losses.swing_kd(
             outputs.student_logits,
             _teacher(outputs, "swing_kd"),
             mask=outputs.mask,
+            privacy_scores=self._scores(outputs),
             seed=int(self.seed) + int(self.step),
             **self.params,
         )

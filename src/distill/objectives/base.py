@@ -70,6 +70,9 @@ class StepOutputs:
     teacher_head: HeadInputs | None = None
     # Each sample's position in the training set, when the data set adds it (`IndexedDataset`).
     index: Tensor | None = None
+    # Per-row values a data set supplies beside the inputs: the batch dict's other keys (not model inputs,
+    # `labels`, `mask`, `index`), each with the mask's leading shape (e.g. `privacy` scores for `swing_kd`).
+    row_data: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Objective(nn.Module):
@@ -86,6 +89,8 @@ class Objective(nn.Module):
     fused_capable: bool = False
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
+    # The `StepOutputs.row_data` keys the objective reads (the recipe check's dry run supplies them).
+    row_keys: tuple[str, ...] = ()
 
     def forward(self, outputs: StepOutputs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

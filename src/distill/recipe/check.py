@@ -183,6 +183,7 @@ def dry_run(objective: Objective) -> None:
         return
     logits = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
     outputs = StepOutputs(student_logits=logits, teacher_logits=logits.flip(-1), labels=torch.tensor([0, 1]))
+    outputs.row_data = {key: torch.full((2,), 0.5) for key in objective.row_keys}
     value = objective(outputs)
     if not torch.isfinite(value).all():
         raise ValueError("its value is not finite on a test batch")

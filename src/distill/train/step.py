@@ -20,6 +20,18 @@ from distill.models.hooks import FeatureHooks
 from distill.objectives import Objective, StepOutputs
 from distill.objectives import Progress as TrainProgress
 from distill.teachers import Teacher, TeacherRequest
+from distill.train.batches import MODEL_INPUT_KEYS
+
+# Batch-dict keys that are not per-row data for the objectives (`row_data_of`).
+NOT_ROW_DATA = frozenset({*MODEL_INPUT_KEYS, "inputs", "labels", "mask", "index"})
+
+
+def row_data_of(batch: Any) -> dict[str, Tensor]:
+    """The tensors a data set adds to a dict batch beside its inputs, labels, mask and index (e.g. per-token
+    `privacy` scores), which reach every objective as `StepOutputs.row_data`; {} for other batches."""
+    if not isinstance(batch, dict):
+        return {}
+    return {k: v for k, v in batch.items() if k not in NOT_ROW_DATA and isinstance(v, Tensor)}
 
 
 class StepAssembler:
@@ -119,6 +131,7 @@ class StepAssembler:
         mask: Tensor | None,
         progress: TrainProgress,
         index: Tensor | None = None,
+        row_data: dict[str, Tensor] | None = None,
     ) -> StepOutputs:
         layers = self.fused_layers(inputs)
         teacher = None
@@ -148,6 +161,7 @@ class StepAssembler:
             student_head=student_head,
             teacher_head=teacher.head if teacher is not None else None,
             index=index,
+            row_data=row_data or {},
         )
 
     def remove_hooks(self) -> None:

@@ -47,7 +47,7 @@ from distill.train.logs import RunLog, progress_bar
 from distill.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from distill.train.seeding import seed_everything
 from distill.train.signals import StopRequest, TrainingInterrupted, stop_on_signals
-from distill.train.step import StepAssembler
+from distill.train.step import StepAssembler, row_data_of
 from distill.train.trackers import Tracking, refuse_unusable_trackers
 from distill.train.windows import accumulation_windows, epoch_batches
 
@@ -381,6 +381,7 @@ class Trainer:
             window = [self.batch_transform(self._to_device(batch), student, progress) for batch in window]
         micro = [tuple(self._to_device(v) for v in split_batch(batch)) for batch in window]
         indices = [batch.get("index") if isinstance(batch, dict) else None for batch in window]
+        row_data = [self._to_device(row_data_of(batch)) for batch in window]
         counts = [counted_rows(inputs, mask) for inputs, _, mask in micro]
         window_rows = torch.tensor(float(sum(counts)), device=self.device)
         if self.accelerator.num_processes > 1:
@@ -395,7 +396,7 @@ class Trainer:
                 continue
             last = index == len(micro) - 1
             sync = contextlib.nullcontext() if last or world == 1 else self.accelerator.no_sync(self.student)
-            outputs = self.step(inputs, labels, mask, progress, indices[index])
+            outputs = self.step(inputs, labels, mask, progress, indices[index], row_data[index])
             if rows == 0:  # rows count on another process: a zero backward keeps DDP's all-reduce in step
                 with sync:
                     self.accelerator.backward(outputs.student_logits.float().nan_to_num(0, 0, 0).sum() * 0)
