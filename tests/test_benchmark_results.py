@@ -106,6 +106,8 @@ REFUSED = [
     ("generative", ["--quick"]),
     ("cross_tokenizer", ["--quick"]),
     ("lm_privacy", ["--quick"]),
+    ("vit_tokens", ["--quick"]),
+    ("vit_tokens", ["--data", "cifar10"]),
 ]
 
 

@@ -101,7 +101,8 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def feature_layers_of(model: nn.Module) -> list[str]:
     """Feature tap paths of any model: the zoo's own `feature_layers()`, timm's `feature_info`, or the stage
-    names of torchvision-style ResNets (`layer1` ... `layer4`, then `avgpool`); [] when none is known."""
+    names of torchvision-style ResNets (`layer1` ... `layer4`, then `avgpool`), a transformers ViT's blocks
+    (`distill.models.vit.transformers_vit_taps`); [] when none is known."""
     method = getattr(model, "feature_layers", None)
     if callable(method):
         return list(method())
@@ -112,7 +113,9 @@ def feature_layers_of(model: nn.Module) -> list[str]:
     stages = [f"layer{i}" for i in range(1, 5) if f"layer{i}" in names]
     if stages:
         return stages + (["avgpool"] if "avgpool" in names else [])
-    return []
+    from distill.models.vit import transformers_vit_taps  # here: vit imports this module
+
+    return transformers_vit_taps(model)  # a transformers ViT's blocks; [] for any other model
 
 
 __all__ = [

@@ -50,8 +50,9 @@ Deviations and choices here:
   passes it to both models, which keep the same patches in the same order when their `mask_ratio`s agree
   (checked on the first batch).
 * Feature maps (N, C, H, W) are read as H*W tokens of C channels and vectors (N, D) as one token, so the
-  objective also runs on CNN taps (defaults: tap -3 on each side, FitNets' hint position; ViT-MAE models
-  have no taps and need module paths).
+  objective also runs on CNN taps (defaults: tap -3 on each side, FitNets' hint position). ViT-MAE models
+  have taps too (`feature_layers_of`: embeddings, each block, the final LayerNorm), so -3 is their
+  second-last block; the official layers are at 3/4 of the depth (`depth_layer`).
 * Losses are computed in float32 (float64 when an input is float64), as the project's losses are.
 * A ViTMAE built from a config with transformers 5 has all-zero position tables (`restore_mae_positions`
   says why and restores MAE's sin-cos tables); build students and teachers with it, or load checkpoints.
