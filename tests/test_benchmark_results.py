@@ -88,6 +88,8 @@ REFUSED = [
     ("text", ["--quick"]),
     ("text", ["--seeds", "1"]),
     ("text", ["--recipes", "bench_text_sms_spam"]),
+    ("text_embedding", ["--quick"]),
+    ("text_embedding", ["--parts", "fresh"]),
     ("mixup", ["--quick"]),
     ("dho", ["--quick"]),
     ("llkd", ["--quick"]),
