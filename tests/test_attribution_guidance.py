@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import sys
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from distill.objectives import StepOutputs, build_objective
 from distill.objectives.attribution_guidance import (
     ATTRIBUTIONS,
     AttributionGuidance,
+    CachedMaps,
     attribution_map,
     gradient_scores,
     teacher_logits,
@@ -244,6 +246,89 @@ def test_gradient_scores_are_the_gradients_norms() -> None:
     torch.testing.assert_close(times, (grad * embeds).norm(dim=-1) * mask)
 
 
+def test_integrated_gradients_match_a_float64_gauss_legendre_reference() -> None:
+    """Captum's layer IG (its default Gauss-Legendre rule) against the integral written out in float64:
+    `(e - b) * sum_k w_k grad F(b + a_k (e - b))` on the word embeddings, b the pad token's embedding."""
+    import numpy as np
+
+    teacher = tiny().eval().double()
+    ids = padded_ids()
+    mask = ids != 0
+    steps = 6
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    alphas, weights = (nodes + 1) / 2, weights / 2
+    words = teacher.encoder.get_input_embeddings()
+    embeds, baseline = words(ids).detach(), words(torch.zeros_like(ids)).detach()
+    target = teacher_logits(teacher, mask, ids=ids).argmax(-1)
+    total = torch.zeros_like(embeds)
+    for alpha, weight in zip(alphas.tolist(), weights.tolist(), strict=True):
+        point = (baseline + alpha * (embeds - baseline)).requires_grad_(True)
+        logits = teacher_logits(teacher, mask, embeds=point)
+        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), point)
+        total += weight * grad
+    want = ((embeds - baseline) * total).norm(dim=-1) * mask
+    found = gradient_scores("integrated_gradients", teacher, ids, mask, ig_steps=steps)
+    torch.testing.assert_close(found, want.float(), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+@pytest.mark.parametrize("method", ATTRIBUTIONS)
+def test_cached_maps_are_the_uncached_maps(method: str) -> None:
+    """A cache miss (texts sorted by length, computed 2 at a time, each cut to its longest) and a hit give
+    the whole batch's map on real (query, key) pairs; a padded query's row is uniform over the real keys."""
+    teacher = tiny().eval()
+    ids = padded_ids()
+    mask = ids != 0
+    make = partial(attribution_map, method, ig_steps=4)
+    whole = make(teacher, ids, mask)
+    cache = CachedMaps(make, (method, "test"), pad_id=0, chunk=2)
+    real = mask[:, :, None] & mask[:, None, :]
+    for computed in (3, 3):  # the second call reads everything back
+        found = cache(teacher, ids, mask)
+        assert cache.computed == computed
+        torch.testing.assert_close(found[real], whole[real], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(found[1, 4:], torch.full((3, 7), 0.25) * mask[1])
+    assert found.shape == whole.shape and found.dtype == whole.dtype
+
+
+def test_the_cache_is_per_text_per_teacher_and_per_weights() -> None:
+    teacher, other = tiny(0).eval(), tiny(1).eval()
+    ids = padded_ids()
+    make = partial(attribution_map, "attention")
+    cache = CachedMaps(make, ("attention", "test-keys"), pad_id=0)
+    cache(teacher, ids, ids != 0)
+    swapped = ids[[2, 0]]  # texts already seen, in another batch shape: nothing to compute
+    cache(teacher, swapped, swapped != 0)
+    assert cache.computed == 3
+    twice = torch.cat([ids[:1], ids[:1]])
+    once = CachedMaps(make, ("attention", "test-twice"), pad_id=0)
+    once(teacher, twice, twice != 0)
+    assert once.computed == 1  # a text twice in one batch is computed once
+    cache(other, ids, ids != 0)  # another teacher: its own maps
+    assert cache.computed == 6
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.1)  # the teacher changed: its old maps are not served
+    fresh = cache(teacher, ids, ids != 0)
+    assert cache.computed == 9
+    real = (ids != 0)[:, :, None] & (ids != 0)[:, None, :]
+    torch.testing.assert_close(fresh[real], make(teacher, ids, ids != 0)[real], atol=1e-6, rtol=1e-5)
+
+
+def test_the_objective_guides_the_same_with_and_without_the_cache() -> None:
+    ids = padded_ids()
+    outputs = []
+    for cache_maps in (False, True, True):  # the second cached run reads the maps back
+        student, teacher = tiny(0), tiny(1)
+        objective = build_objective(NAME, {"attribution": "saliency", "cache_maps": cache_maps})
+        bound(objective, student, teacher, ids)
+        outputs.append(student.train()(ids))
+        objective.release()
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[2], outputs[0], atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_attributions_without_captum_say_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "captum.attr", None)
     ids = padded_ids()
@@ -292,6 +377,7 @@ def test_release_removes_the_injection() -> None:
         ({"attribution": "saliency", "teacher_layer": 2}, "params.teacher_layer: applies to attention"),
         ({"teacher_layer": "last"}, "params.teacher_layer: must be a block index or 'mean'"),
         ({"ig_steps": 0}, "params.ig_steps: must be a whole number from 1 to 1024"),
+        ({"cache_maps": "yes"}, "params.cache_maps: must be true or false"),
         ({"steps": 4}, "has no parameter 'steps'"),
     ],
 )
@@ -382,3 +468,34 @@ def test_a_training_step_on_real_models_is_guided() -> None:
     assert all(p.grad is None for p in teacher.parameters())
     assert student.encoder.config._attn_implementation == "sdpa"
     torch.testing.assert_close(student.eval()(ids), plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_benchmarks_quick_run_writes_its_tables(tmp_path) -> None:
+    """`benchmarks/text_attribution.py --quick`: timing, a two-cell sweep, the chosen pair against the student
+    alone and KD; the cached and uncached maps agree."""
+    require_data("textcls/SMSSpamCollection.tsv")
+    import importlib.util
+    from pathlib import Path
+
+    from distill.pretrained import pretrained_folder
+
+    try:
+        pretrained_folder("all-MiniLM-L6-v2")
+    except UserError as err:
+        missing_data(str(err))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "text_attribution.py"
+    spec = importlib.util.spec_from_file_location("text_attribution_bench", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "quick.md"
+    assert script.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for heading in ("## Cost of one batch of maps", "## Validation sweep (one seed)", "## Test split"):
+        assert heading in text
+    assert "| student alone |" in text and "| KD |" in text and "+ KD |" in text
+    differences = [
+        float(line.split("|")[-2]) for line in text.splitlines() if line.startswith("| saliency |")
+    ]
+    assert differences and max(differences) < 1e-4

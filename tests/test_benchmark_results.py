@@ -107,6 +107,8 @@ REFUSED = [
     ("probes", ["--quick"]),
     ("generative", ["--quick"]),
     ("cross_tokenizer", ["--quick"]),
+    ("text_attribution", ["--quick"]),
+    ("text_attribution", ["--pairs", "saliency:add"]),
     ("lm_privacy", ["--quick"]),
     ("vit_tokens", ["--quick"]),
     ("vit_tokens", ["--data", "cifar10"]),

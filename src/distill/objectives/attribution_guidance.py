@@ -34,6 +34,16 @@ the hooks. Its own loss is zero (a tensor connected to the student's graph): the
 for the maps, which shape the student's forward pass while the recipe's other terms (cross-entropy, KD)
 train it.
 
+Cache (`cache_maps`, on by default; `CachedMaps`): a map depends only on the frozen teacher and the text
+(eval mode, padded keys masked, no text sees another), so each text's map over its real tokens is kept,
+keyed by its token ids, per teacher module and state of its weights (an in-place update to the teacher's
+tensors starts afresh). Epochs after the first, further seeds and the other operators of the same teacher
+in one process read the maps back; texts not yet seen are computed sorted by length, 8 at a time, each chunk
+cut to its longest text. Cached and uncached maps agree on real (query, key) pairs to float rounding (a
+test); a padded query's row is uniform over the real keys. The store grows with the training set (at most
+`T x T` floats a text, about 10 MB for SMS spam) and lives as long as the teacher; `cache_maps: false`
+computes every batch afresh. Measured cost per batch: `benchmarks/results/text_attribution.md`.
+
 Deviations from the paper: an encoder's self-attention instead of a seq2seq student's attention over
 source-target maps; maps computed on the fly from the frozen teacher instead of extracted beforehand with
 Inseq; attribution towards the teacher's predicted class (the gold label is not known before the student's
@@ -64,7 +74,7 @@ from distill.models.attention_injection import (
     hf_encoder,
     self_attention_modules,
 )
-from distill.objectives.base import ParamError, StepOutputs, shown, whole_number
+from distill.objectives.base import ParamError, StepOutputs, flag, shown, whole_number
 from distill.objectives.features import FeatureObjective, register_feature_objective
 
 NAME = "attribution_guidance"
@@ -290,6 +300,80 @@ def attribution_map(
     return found.detach()
 
 
+# ------------------------------------------------------------------------------------------ cache
+
+
+MapMaker = Callable[[nn.Module, Tensor, Tensor], Tensor]
+# Per teacher module (weak keys: a dropped teacher takes its maps with it), per map recipe and state of the
+# teacher's weights: every text's map over its real tokens, keyed by the bytes of those tokens' ids.
+_MAPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], dict[bytes, Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _weights_state(teacher: nn.Module) -> tuple[int, ...]:
+    """The version counters of the teacher's tensors: any in-place update (an optimiser step) changes them,
+    so maps of a teacher that trained since are not served."""
+    return tuple(t._version for t in (*teacher.parameters(), *teacher.buffers()))
+
+
+def _text_key(ids: Tensor) -> bytes:
+    return ids.detach().to("cpu", torch.int64).numpy().tobytes()
+
+
+class CachedMaps:
+    """`make_map` with each text's map kept: a map depends only on the frozen teacher and the text (eval
+    mode, padded keys masked, no text sees another), so the second epoch, the next seed and the other
+    operators of one teacher in the same process read it back. Texts not yet seen are computed sorted by
+    length, `chunk` at a time, each chunk cut to its longest text (less padding than the whole batch), the
+    real tokens packed to the left: the positions a right-padded batch (the text data's collate) gives them.
+
+    Returned maps equal `make_map`'s on the real (query, key) pairs up to float rounding; a padded query's
+    row is uniform over the real keys (the student's padded queries feed nothing that is read)."""
+
+    def __init__(self, make_map: MapMaker, recipe: tuple[Any, ...], pad_id: int, chunk: int = 8) -> None:
+        self.make_map = make_map
+        self.recipe = recipe
+        self.pad_id = pad_id
+        self.chunk = chunk
+        self.computed = 0  # texts whose map was computed (not read back): for tests and benchmarks
+
+    def store(self, teacher: nn.Module) -> dict[bytes, Tensor]:
+        per_teacher = _MAPS.setdefault(teacher, {})
+        return per_teacher.setdefault((*self.recipe, _weights_state(teacher)), {})
+
+    def __call__(self, teacher: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+        store = self.store(teacher)
+        texts = [ids[b][mask[b]] for b in range(ids.shape[0])]
+        keys = [_text_key(t) for t in texts]
+        missing = sorted(
+            {k: b for b, k in enumerate(keys) if k not in store}.values(), key=lambda b: len(texts[b])
+        )
+        for start in range(0, len(missing), self.chunk):
+            rows = missing[start : start + self.chunk]
+            longest = max(1, max(len(texts[b]) for b in rows))
+            packed = torch.full((len(rows), longest), self.pad_id, dtype=ids.dtype, device=ids.device)
+            real = torch.zeros(len(rows), longest, dtype=torch.bool, device=ids.device)
+            for r, b in enumerate(rows):
+                packed[r, : len(texts[b])] = texts[b]
+                real[r, : len(texts[b])] = True
+            found = self.make_map(teacher, packed, real)
+            for r, b in enumerate(rows):
+                n = len(texts[b])
+                store[keys[b]] = found[r, :n, :n].clone()
+            self.computed += len(rows)
+        dtype = next(iter(store.values())).dtype if store else torch.float32
+        keys_mask = mask.to(dtype)
+        out = (keys_mask / keys_mask.sum(-1, keepdim=True).clamp_min(1.0))[:, None, :].repeat(
+            1, ids.shape[1], 1
+        )
+        for b, key in enumerate(keys):
+            where = mask[b].nonzero().squeeze(-1)
+            if where.numel():
+                out[b, where[:, None], where[None, :]] = store[key].to(device=out.device, dtype=dtype)
+        return out
+
+
 # ------------------------------------------------------------------------------------------ objective
 
 
@@ -301,7 +385,7 @@ class _Guidance:
         self,
         teacher: nn.Module,
         injection: AttentionInjection,
-        make_map: Callable[[nn.Module, Tensor, Tensor], Tensor],
+        make_map: MapMaker,
         pad_id: int,
     ) -> None:
         self.teacher = weakref.ref(teacher)
@@ -352,6 +436,7 @@ class AttributionGuidance(FeatureObjective):
         student_layers: Any = ALL_LAYERS,
         teacher_layer: Any = None,
         ig_steps: int = 16,
+        cache_maps: bool = True,
     ) -> None:
         super().__init__(NAME)
         self.attribution = _check_choice("attribution", attribution, ATTRIBUTIONS)
@@ -383,6 +468,7 @@ class AttributionGuidance(FeatureObjective):
             )
         self.teacher_layer: int | str = -1 if teacher_layer is None else teacher_layer
         self.ig_steps = whole_number(NAME, "ig_steps", ig_steps, 1, 1024)
+        self.cache_maps = flag(NAME, "cache_maps", cache_maps)
         self._guidance: _Guidance | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -415,9 +501,12 @@ class AttributionGuidance(FeatureObjective):
         self.release()  # bound again: the new models replace the old hooks
         injection = AttentionInjection(student, self.student_blocks, self.operator)
         # The hooks must not hold the objective (dropping it removes them): the map's recipe, not a method.
-        make_map = partial(
+        make_map: MapMaker = partial(
             attribution_map, self.attribution, layer=self.teacher_layer, ig_steps=self.ig_steps
         )
+        if self.cache_maps:
+            recipe = (self.attribution, self.teacher_layer, self.ig_steps)
+            make_map = CachedMaps(make_map, recipe, int(student_pad or 0))
         guidance = _Guidance(teacher, injection, make_map, int(student_pad or 0))
         encoder = hf_encoder(student, "student")
         guidance.handles = [

@@ -32,6 +32,12 @@ introduction. Three further sources were found, none of them the paper's own tex
    one or more hidden layers of the teacher", and the student is trained "based on a difference between the
    intermediate output and the second intermediate output".
 
+A second search (Dec 2026) found nothing further: the stored web pages (title, arXiv id, "Osgood-Schramm"
+with distillation, "L_interact L_MC L_SC"), documentation, GitHub issue and code corpora (the same terms,
+"interaction loss" / "message consistency" with encoder-decoder distillation), and GitHub repositories named
+like the paper return only the abstract (the ar5iv page is stored from its beginning only), the review digest
+and the patent's abstract; no method section, official code or reimplementation. The losses below stay ours.
+
 What this implementation takes from them and what is ours. Sourced: the four codecs (an encoder and a decoder
 per model, one shared message space), the teacher decoding and interpreting the student's message and
 answering it, and the student learning from that answer. Ours: every loss form below, the codecs being
