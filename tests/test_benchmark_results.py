@@ -109,9 +109,10 @@ REFUSED = [
     ("cross_tokenizer", ["--quick"]),
     ("text_attribution", ["--quick"]),
     ("text_attribution", ["--pairs", "saliency:add"]),
-    ("lm_privacy", ["--quick"]),
+    ("detection", ["--quick"]),
     ("vit_tokens", ["--quick"]),
     ("vit_tokens", ["--data", "cifar10"]),
+    ("lm_privacy", ["--quick"]),
 ]
 
 
