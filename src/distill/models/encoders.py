@@ -35,22 +35,17 @@ POOLINGS = ("mean", "cls")
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
 
-class EncoderClassifier(nn.Module):
-    """`encoder` (a transformers encoder) -> pooling over real tokens -> dropout -> linear head."""
+class PooledEncoder(nn.Module):
+    """`encoder` (a transformers encoder) -> pooling over real tokens (`pool`), with the taps and the
+    encoder-objective API (`num_layers`, `num_heads`, `layer_path`, `attention_paths`) that TinyBERT's and
+    MiniLM's objectives read. Subclasses put a head (`EncoderClassifier`) or a projection on the pooled
+    vector (`distill.models.sentence_encoders.SentenceEncoder`)."""
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        num_classes: int,
-        *,
-        pooling: str = "mean",
-        pad_id: int = 0,
-        dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, *, pooling: str, pad_id: int, model_name: str) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise UserError(
-                f"model 'hf_encoder': pooling must be one of {list(POOLINGS)}, got {shown(pooling)}"
+                f"model '{model_name}': pooling must be one of {list(POOLINGS)}, got {shown(pooling)}"
             )
         self.encoder = encoder
         pooler = getattr(encoder, "pooler", None)
@@ -58,11 +53,12 @@ class EncoderClassifier(nn.Module):
             pooler.requires_grad_(False)  # refuse parameters that never get a gradient)
         self.pooling = pooling
         self.pad_id = pad_id
-        hidden = int(encoder.config.hidden_size)
         self.token_mask = nn.Identity()  # taps: see the module docstring
         self.pooled = nn.Identity()
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, num_classes)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.config.hidden_size)
 
     @property
     def num_layers(self) -> int:
@@ -83,7 +79,8 @@ class EncoderClassifier(nn.Module):
     def feature_layers(self) -> list[str]:
         return ["encoder.embeddings", *(self.layer_path(i) for i in range(self.num_layers)), POOLED_TAP]
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def pool(self, ids: Tensor) -> Tensor:
+        """`(B, H)`: the CLS token's state, or the mean over real tokens (sentence-transformers' pooling)."""
         mask = ids != self.pad_id
         if not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
             length = max(int(mask.sum(1).max()), 1)  # right padding: every real token is before `length`
@@ -94,7 +91,27 @@ class EncoderClassifier(nn.Module):
             pooled = hidden[:, 0]
         else:
             pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
-        return self.head(self.dropout(self.pooled(pooled)))
+        return self.pooled(pooled)
+
+
+class EncoderClassifier(PooledEncoder):
+    """`encoder` (a transformers encoder) -> pooling over real tokens -> dropout -> linear head."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        *,
+        pooling: str = "mean",
+        pad_id: int = 0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(encoder, pooling=pooling, pad_id=pad_id, model_name="hf_encoder")
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.hidden_size, num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.dropout(self.pool(ids)))
 
 
 def _check_sizes(config: dict[str, Any]) -> None:

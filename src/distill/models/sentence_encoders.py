@@ -17,18 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from distill.errors import UserError, shown
-from distill.models.encoders import POOLED_TAP, POOLINGS, build_encoder
+from distill.models.encoders import PooledEncoder, build_encoder
 from distill.models.registry import MODELS
 
 EMBEDDING_TAP = "embedding"
 
 
-class SentenceEncoder(nn.Module):
+class SentenceEncoder(PooledEncoder):
     """`encoder` -> pooling over real tokens -> optional linear projection -> optional L2 normalisation.
     Input: `(batch, length)` token ids right-padded with `pad_id`; output: `(batch, width)` embeddings."""
 
@@ -41,56 +40,20 @@ class SentenceEncoder(nn.Module):
         width: int | None = None,
         normalize: bool = False,
     ) -> None:
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise UserError(
-                f"model 'sentence_encoder': pooling must be one of {list(POOLINGS)}, got {shown(pooling)}"
-            )
-        self.encoder = encoder
-        pooler = getattr(encoder, "pooler", None)
-        if isinstance(pooler, nn.Module):  # BERT's tanh pooler is not used: frozen, as in `hf_encoder`
-            pooler.requires_grad_(False)
-        self.pooling, self.pad_id, self.normalize = pooling, pad_id, normalize
-        hidden = int(encoder.config.hidden_size)
-        self.token_mask = nn.Identity()  # taps, see the module docstring
-        self.pooled = nn.Identity()
+        super().__init__(encoder, pooling=pooling, pad_id=pad_id, model_name="sentence_encoder")
+        hidden = self.hidden_size
+        self.normalize = normalize
         self.projection: nn.Module = (
             nn.Linear(hidden, width) if width is not None and width != hidden else nn.Identity()
         )
-        self.embedding = nn.Identity()
+        self.embedding = nn.Identity()  # taps, see the module docstring
         self.width = hidden if width is None else width
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.encoder.config.num_hidden_layers)
-
-    @property
-    def num_heads(self) -> int:
-        return int(self.encoder.config.num_attention_heads)
-
-    def layer_path(self, index: int) -> str:
-        return f"encoder.encoder.layer.{index}"
-
-    def attention_paths(self, index: int) -> dict[str, str]:
-        base = f"{self.layer_path(index)}.attention.self"
-        return {part: f"{base}.{part}" for part in ("query", "key", "value")}
-
     def feature_layers(self) -> list[str]:
-        blocks = [self.layer_path(i) for i in range(self.num_layers)]
-        return ["encoder.embeddings", *blocks, POOLED_TAP, EMBEDDING_TAP]
+        return [*super().feature_layers(), EMBEDDING_TAP]
 
     def forward(self, ids: Tensor) -> Tensor:
-        mask = ids != self.pad_id
-        if not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
-            length = max(int(mask.sum(1).max()), 1)  # right padding: every real token is before `length`
-            ids, mask = ids[:, :length], mask[:, :length]
-        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        weights = self.token_mask(mask.to(hidden.dtype))
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # sentence-transformers' mean pooling: the mean over real tokens
-            pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
-        vector = self.projection(self.pooled(pooled))
+        vector = self.projection(self.pool(ids))
         if self.normalize:
             vector = F.normalize(vector, dim=-1)
         return self.embedding(vector)
