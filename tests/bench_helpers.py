@@ -19,3 +19,14 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """`benchmarks/<name>.py`'s `main(argv)` in-process, the torch thread count it may pin restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return load_benchmark(name).main(argv)
+    finally:
+        torch.set_num_threads(threads)

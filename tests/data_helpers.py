@@ -30,6 +30,17 @@ def require_data(relative: str) -> Path:
         missing_data(str(error).removeprefix("data: "))
 
 
+def require_dataset(name: str) -> None:
+    """`missing_data` unless the registered data set `name` builds from local files."""
+    __tracebackhide__ = True
+    from distill.data import build_data
+
+    try:
+        build_data(name)
+    except UserError as error:
+        missing_data(str(error).removeprefix("data: "))
+
+
 def require_file(path: Path, how: str) -> Path:
     """`path` when it is a file (data installed, not shared), else `missing_data` saying `how` to get it."""
     __tracebackhide__ = True

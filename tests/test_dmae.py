@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from torch import Tensor, nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-from bench_helpers import load_benchmark
-from data_helpers import missing_data
+from bench_helpers import run_benchmark
+from data_helpers import require_dataset
 from distill.errors import UserError
 from distill.objectives import OBJECTIVES, Progress, StepOutputs, build_objective
 from distill.objectives.dmae import (
@@ -315,24 +314,11 @@ def test_registration_defaults_and_parameters() -> None:
 # ------------------------------------------------------------------------------------------ benchmark
 
 
-def _benchmark() -> ModuleType:
-    return load_benchmark("dmae")
-
-
 @pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path: Path) -> None:
-    from distill.data import build_data
-
-    try:
-        build_data("fashion_mnist")
-    except UserError as error:
-        missing_data(str(error).removeprefix("data: "))
+    require_dataset("fashion_mnist")
     out = tmp_path / "dmae_quick.md"
-    threads = torch.get_num_threads()
-    try:
-        assert _benchmark().main(["--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_benchmark("dmae", ["--quick", "--out", str(out)]) == 0
     text = out.read_text()
     for heading in (
         "## Students",

@@ -18,8 +18,8 @@ from transformers import (
     ViTMAEForPreTraining,
 )
 
-from bench_helpers import load_benchmark
-from data_helpers import missing_data
+from bench_helpers import run_benchmark
+from data_helpers import require_dataset
 from distill.errors import UserError
 from distill.models import MODELS, build_model, count_parameters
 from distill.models.cifar import feature_layers_of
@@ -277,18 +277,9 @@ def test_distill_run_with_trg_on_vit_tokens(
 
 @pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path: Path) -> None:
-    from distill.data import build_data
-
-    try:
-        build_data("fashion_mnist")
-    except UserError as error:
-        missing_data(str(error).removeprefix("data: "))
+    require_dataset("fashion_mnist")
     out = tmp_path / "vit_tokens_quick.md"
-    threads = torch.get_num_threads()
-    try:
-        assert load_benchmark("vit_tokens").main(["--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_benchmark("vit_tokens", ["--quick", "--out", str(out)]) == 0
     text = out.read_text()
     for fragment in ("## Students: test accuracy", "## Verdict", "| TRG + KD |", "S13 TRG's claim"):
         assert fragment in text
