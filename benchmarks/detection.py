@@ -79,7 +79,7 @@ class Settings:
     test: int = 500
     teacher: DetrSize = TEACHER_SIZE
     student: DetrSize = STUDENT_SIZE
-    teacher_steps: int = 2000
+    teacher_steps: int = 4000
     student_steps: int = 800
     batch: int = 16
     lr: float = 1e-3

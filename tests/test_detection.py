@@ -254,6 +254,23 @@ def test_small_detr_pieces() -> None:
     assert first["boxes"].shape == (5, 4) and int(first["labels"].max()) < 3
 
 
+def test_learned_queries_start_apart() -> None:
+    """transformers initialises DETR's query embeddings from N(0, 0.02); at random init the learned queries
+    were then copies of each other (box spread across queries ~1e-8) and training could not separate them
+    (64 images not overfitted). SmallDetr uses DETR's own initialisation (`detr_initialisation`)."""
+    from distill.models.detr import DetrSize, SmallDetr
+
+    data = make_detection_set(4, 0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = SmallDetr(DetrSize(d_model=32, layers=1, channels=(8, 16), queries=5), 3).eval()
+        queries = model.detr.model.query_position_embeddings.weight
+        assert 0.5 < float(queries.std()) < 2.0
+        with torch.no_grad():
+            _, decoded = model(data.images)
+        assert float(decoded.boxes.std(dim=1).mean()) > 1e-4  # queries give different boxes
+
+
 # ------------------------------------------------------------------------------------ the benchmark
 
 

@@ -2,15 +2,17 @@
 
 "End-to-End Object Detection with Transformers" (Carion et al., ECCV 2020). The backbone is transformers'
 own `ResNetBackbone` from a tiny `ResNetConfig` (basic blocks, random init; no timm or torchvision, which
-DETR's default backbone needs), so the whole detector is transformers' code. Three changes, all outside the
+DETR's default backbone needs), so the whole detector is transformers' code. The changes, all outside the
 transformer:
 
 - every parameter trains (transformers freezes the ResNet stem and first stage, meant for pretrained weights,
   and swaps batch norm for a frozen one, an identity at random init: it is made trainable again);
+- the official DETR initialisation (`detr_initialisation`): transformers' N(0, 0.02) left the learned
+  queries near copies, and every query predicted the same box (the cause of the earlier non-convergence);
 - the image enters with two more channels, its pixels' x and y in [-1, 1] (CoordConv, "An intriguing
   failing of convolutional neural networks and the CoordConv solution", Liu et al., NeurIPS 2018): DETR's
-  memory carries position only through attention keys (without it, 1,500 CPU steps left every predicted
-  box's y near the image's middle; with it, 800 steps were no better by mAP: docs/detection.md);
+  memory carries position only through attention keys (a cheap aid; its pilots ran before the
+  initialisation fix and measured nothing useful: docs/detection.md);
 - `encode` / `decode` call the backbone, encoder and decoder of the one `DetrModel` separately, so that the
   same memory can be decoded with other queries;
 - **target-aware queries** (`target_queries`): a query per ground-truth object, its content the object's
@@ -127,6 +129,7 @@ class SmallDetr(nn.Module):
         self.detr = DetrForObjectDetection(self.config)
         # transformers freezes the stem and batch norm, meant for pretrained weights; these are random
         trainable_batch_norm(self.detr.model.backbone)
+        detr_initialisation(self.detr)
         self.detr.requires_grad_(True)
         d = size.d_model
         self.label_embedding = nn.Embedding(num_classes, d)
@@ -196,6 +199,23 @@ class SmallDetr(nn.Module):
             decoded.all_boxes,
         )
         return loss
+
+
+def detr_initialisation(detr: nn.Module) -> None:
+    """Re-initialise a `DetrForObjectDetection` as the official DETR code does. transformers draws every
+    linear weight and the query embeddings from N(0, 0.02) (`init_std`, meant to be overwritten by pretrained
+    weights); from scratch, the object queries are then near copies of each other (std 0.02 against DETR's
+    N(0, 1)) and every query predicts the same box, which training does not undo (docs/detection.md). DETR
+    uses Xavier-uniform weights in the transformer, N(0, 1) query embeddings (PyTorch's `nn.Embedding`) and
+    PyTorch's default init for the input projection and the heads."""
+    model = detr.model
+    for transformer in (model.encoder, model.decoder):
+        for parameter in transformer.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+    nn.init.normal_(model.query_position_embeddings.weight)
+    for module in (model.input_projection, detr.class_labels_classifier, *detr.bbox_predictor.layers):
+        module.reset_parameters()
 
 
 def trainable_batch_norm(module: nn.Module) -> None:
